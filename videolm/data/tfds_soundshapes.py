@@ -15,9 +15,11 @@ other world settings differ from the defaults) and stores the full ``WorldConfig
 sizes in the dataset's metadata, so a reader recovers exactly the world that made the data.
 
 Features per example: ``video`` and ``control`` uint8 [T,H,W,3] (zlib), ``audio`` float32 [S],
-``caption``, ``index`` (the generator index), ``background``, ``bounce_frames`` (every object's
-bounce frames, sorted), and per object (``objects`` sequence, caption order) its ``color``,
-``shape``, ``motion``, ``size``, ``speed``, ``centroids`` [T,2], ``boxes`` [T,4], ``pitch_hz`` [T].
+``caption``, ``index`` (the generator index), ``background``, per object (``objects`` sequence,
+caption order) its ``color``, ``shape``, ``motion``, ``size``, ``speed``, ``centroids`` [T,2],
+``boxes`` [T,4], ``pitch_hz`` [T], and the wall contacts (``bounce_times``/``bounce_frames``, flat,
+with the owning object in ``bounce_*_objects``). ``record_to_clip`` turns a stored example back
+into ``generate_clip``'s dictionary (without the masks).
 """
 from __future__ import annotations
 
@@ -104,7 +106,6 @@ def _features(world: WorldConfig) -> tfds.features.FeaturesDict:
         "caption": tfds.features.Text(),
         "index": tfds.features.Scalar(dtype=np.int64),
         "background": tfds.features.Text(),
-        "bounce_frames": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         "objects": tfds.features.Sequence({
             "color": tfds.features.Text(),
             "shape": tfds.features.Text(),
@@ -115,21 +116,62 @@ def _features(world: WorldConfig) -> tfds.features.FeaturesDict:
             "boxes": tfds.features.Tensor(shape=(T, 4), dtype=np.float32),
             "pitch_hz": tfds.features.Tensor(shape=(T,), dtype=np.float32),
         }),
+        # Wall contacts, object by object (ragged per object, so stored flat with the object index).
+        "bounce_times": tfds.features.Tensor(shape=(None,), dtype=np.float64,
+                                              encoding=tfds.features.Encoding.BYTES),
+        "bounce_time_objects": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "bounce_frames": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "bounce_frame_objects": tfds.features.Tensor(shape=(None,), dtype=np.int32),
     })
 
 
 def clip_record(clip: dict) -> dict:
     """A ``generate_clip`` dict -> the stored TFDS example."""
-    bounces = sorted({f for frames in clip["bounce_frames"] for f in frames})
     return {
         "video": clip["video"], "control": clip["control"], "audio": clip["audio"],
         "caption": clip["caption"], "index": clip["index"], "background": clip["background"],
-        "bounce_frames": np.asarray(bounces, np.int32),
         "objects": {
             "color": list(clip["colors"]), "shape": list(clip["shapes"]), "motion": list(clip["motions"]),
             "size": clip["sizes"], "speed": clip["speeds"], "centroids": clip["centroids"],
             "boxes": clip["boxes"], "pitch_hz": clip["pitch_hz"],
         },
+        **_flatten_per_object("bounce_times", clip["bounce_times"], np.float64),
+        **_flatten_per_object("bounce_frames", clip["bounce_frames"], np.int32),
+    }
+
+
+def _flatten_per_object(name: str, per_object, dtype) -> dict:
+    values = [v for values in per_object for v in values]
+    owners = [k for k, values in enumerate(per_object) for _ in values]
+    return {name: np.asarray(values, dtype), f"{name[:-1]}_objects": np.asarray(owners, np.int32)}
+
+
+def _unflatten_per_object(values, owners, num_objects: int, cast) -> list[list]:
+    return [[cast(v) for v, k in zip(values, owners) if k == obj] for obj in range(num_objects)]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def record_to_clip(record: dict) -> dict:
+    """A decoded stored example -> a dict with ``generate_clip``'s keys (all but 'masks' and 'split').
+
+    This is what the evaluator takes as a reference (captions, trajectories, pitch, bounces)."""
+    objects = record["objects"]
+    n = len(objects["color"])
+    return {
+        "video": record["video"], "audio": record["audio"], "caption": _text(record["caption"]),
+        "control": record["control"],
+        "colors": [_text(c) for c in objects["color"]], "shapes": [_text(s) for s in objects["shape"]],
+        "motions": [_text(m) for m in objects["motion"]],
+        "sizes": np.asarray(objects["size"], np.float32), "speeds": np.asarray(objects["speed"], np.float32),
+        "centroids": np.asarray(objects["centroids"], np.float32).reshape(n, -1, 2),
+        "boxes": np.asarray(objects["boxes"], np.float32).reshape(n, -1, 4),
+        "pitch_hz": np.asarray(objects["pitch_hz"], np.float32).reshape(n, -1),
+        "bounce_times": _unflatten_per_object(record["bounce_times"], record["bounce_time_objects"], n, float),
+        "bounce_frames": _unflatten_per_object(record["bounce_frames"], record["bounce_frame_objects"], n, int),
+        "background": _text(record["background"]), "index": int(record["index"]),
     }
 
 
