@@ -4,12 +4,13 @@ Nothing here looks at a clip's annotations. The analysis knows only the world's 
 (palette, shape set, frame rate): foreground is whatever is strongly coloured (backgrounds are
 grey), each foreground pixel takes the nearest palette colour, and each colour present through
 most of the clip is one object (colours are unique within a clip). Shape comes from matching the
-mask against each shape's template at the mask's box, motion from the centroid trajectory, and
+mask against each shape's template of the same area and centroid, motion from the centroid trajectory, and
 wall bounces from turning points of that trajectory (their time found by intersecting the two legs).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy import ndimage, signal
@@ -81,24 +82,38 @@ def _check_video(video: np.ndarray, config: soundshapes.WorldConfig) -> np.ndarr
 def analyze_video(video: np.ndarray, config: soundshapes.WorldConfig) -> VideoAnalysis:
     """Recovers the objects of a uint8 [T, H, W, 3] SoundShapes video from its pixels."""
     video = _check_video(video, config)
-    pixels = video.astype(np.float32)
     num_frames = video.shape[0]
-    foreground = (pixels.max(-1) - pixels.min(-1)) >= CHROMA_THRESHOLD
+    red, green, blue = (video[..., i] for i in range(3))
+    chroma = (np.maximum(np.maximum(red, green), blue).astype(np.int16)
+              - np.minimum(np.minimum(red, green), blue))
+    foreground = chroma >= CHROMA_THRESHOLD
     palette = config.palette()
-    distance = ((pixels[..., None, :] - palette) ** 2).sum(-1)            # [T, H, W, C]
-    labels = np.where(foreground, distance.argmin(-1), -1).astype(np.int8)
+    labels = np.full(foreground.shape, -1, np.int8)
+    # Nearest palette colour: argmin |p - q|^2 = argmin (|q|^2 - 2 p.q).
+    labels[foreground] = ((palette ** 2).sum(-1) - 2 * video[foreground].astype(np.float32) @ palette.T).argmin(-1)
 
-    smallest = (config.object_size[0] * config.frame_size) ** 2 / 2      # a small triangle
-    min_pixels = max(3.0, smallest / 4)
-    counts = np.stack([(labels == c).sum(axis=(1, 2)) for c in range(len(palette))], -1)
-    visible = counts >= min_pixels                                          # [T, C]
+    # A colour is visible in a frame when its largest connected blob covers a third of the
+    # smallest object (a small triangle): compression fringes along edges stay below that.
+    smallest = (config.object_size[0] * config.frame_size) ** 2 / 2
+    min_pixels = max(3.0, smallest / 3)
+    frame_index = np.broadcast_to(np.arange(num_frames)[:, None, None], labels.shape)
+    counts = np.bincount(frame_index[foreground] * len(palette) + labels[foreground],
+                         minlength=num_frames * len(palette)).reshape(num_frames, len(palette))
+    blobs = {}
+    for t, c in zip(*np.nonzero(counts >= min_pixels)):
+        blob = _largest_component(labels[t] == c)
+        if blob.sum() >= min_pixels:
+            blobs[t, c] = blob
+    visible = np.zeros_like(counts, bool)                                  # [T, C]
+    for t, c in blobs:
+        visible[t, c] = True
     colors_per_frame = [frozenset(config.colors[c] for c in np.flatnonzero(v)) for v in visible]
 
     objects = []
     for c in np.flatnonzero(visible.mean(0) >= MIN_PRESENCE):
         masks = np.zeros((num_frames,) + video.shape[1:3], bool)
         for t in np.flatnonzero(visible[:, c]):
-            masks[t] = _largest_component(labels[t] == c)
+            masks[t] = blobs[t, c]
         objects.append(_track(config.colors[c], masks, config))
     objects.sort(key=lambda o: (np.nanmean(o.centroids[:, 1]), np.nanmean(o.centroids[:, 0])))
     return VideoAnalysis(objects, foreground, labels, colors_per_frame)
@@ -128,14 +143,24 @@ def _track(color: str, masks: np.ndarray, config: soundshapes.WorldConfig) -> Ob
     boxes[~present] = np.nan
     centers = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1)
 
-    scores = _shape_scores(masks, boxes, present, config)
+    scores = _shape_scores(masks, centroids, boxes, present, config)
     shape = max(scores, key=scores.get)
     motion, bounce_times = classify_motion(centroids, config)
     return ObjectTrack(color, shape, motion, centroids, centers, boxes, areas, scores, bounce_times)
 
 
-def _shape_scores(masks, boxes, present, config) -> dict:
-    """Mean IoU of the mask with each shape's template drawn in the mask's box."""
+@functools.lru_cache(maxsize=None)
+def _shape_geometry(shape: str) -> tuple[float, float, float]:
+    """(area / size**2, centroid dy / size, centroid dx / size) of a shape, from a fine rendering."""
+    size = 512
+    mask = soundshapes.shape_masks(shape, np.array([[size / 2, size / 2]]), size, size, size)[0]
+    ys, xs = np.nonzero(mask)
+    return mask.mean(), (ys.mean() + 0.5 - size / 2) / size, (xs.mean() + 0.5 - size / 2) / size
+
+
+def _shape_scores(masks, centroids, boxes, present, config) -> dict:
+    """Mean IoU of the mask with each shape's template of the same area and centroid. Area and
+    centroid average over the whole mask, so the fit tolerates ragged or blurred edges."""
     height, width = masks.shape[1:]
     inside = present & (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < height) & (
         boxes[:, 3] < width)
@@ -144,13 +169,18 @@ def _shape_scores(masks, boxes, present, config) -> dict:
     scores = {shape: 0.0 for shape in config.shapes}
     for t in frames:
         y0, x0, y1, x1 = boxes[t].astype(int)
-        pad = 2
-        top, left = max(0, y0 - pad), max(0, x0 - pad)
-        crop = masks[t, top:min(height, y1 + pad), left:min(width, x1 + pad)]
-        size = float(max(y1 - y0, x1 - x0))
-        center = np.array([[(y0 + y1) / 2 - top, (x0 + x1) / 2 - left]])
+        area = masks[t].sum()
         for shape in config.shapes:
-            template = soundshapes.shape_masks(shape, center, size, *crop.shape)[0]
+            fill, dy, dx = _shape_geometry(shape)
+            size = float(np.sqrt(area / fill))
+            center = centroids[t] + 0.5 - np.array([dy, dx]) * size      # continuous box centre
+            top = max(0, min(y0, int(center[0] - size / 2)) - 1)
+            left = max(0, min(x0, int(center[1] - size / 2)) - 1)
+            bottom = min(height, max(y1, int(np.ceil(center[0] + size / 2))) + 1)
+            right = min(width, max(x1, int(np.ceil(center[1] + size / 2))) + 1)
+            crop = masks[t, top:bottom, left:right]
+            template = soundshapes.shape_masks(shape, (center - [top, left])[None], size,
+                                               *crop.shape)[0]
             union = np.logical_or(template, crop).sum()
             scores[shape] += np.logical_and(template, crop).sum() / max(union, 1) / len(frames)
     return scores
