@@ -163,7 +163,8 @@ def run_demo(out_dir: str = "demo_out", *, resolution: int = 64, num_frames: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--out-dir", default="demo_out", help="where the data, stages and gallery go")
+    parser.add_argument("--out", "--out-dir", dest="out_dir", default="demo_out",
+                        help="where the data, stages and gallery go")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--num-frames", type=int, default=17)
     parser.add_argument("--num-train", type=int, default=256)
