@@ -184,7 +184,7 @@ def catalog_example(raw: Example, index: int, *, dataset: str, label_names: Sequ
     """Maps one decoded catalog record (numpy dict from tfds) to the example dictionary."""
     spec = CATALOG[dataset]
     if spec.video_key not in raw:
-        raise KeyError(f"{dataset}: record has no feature {spec.video_key!r} (has {sorted(raw)})")
+        raise ValueError(f"{dataset}: record has no feature {spec.video_key!r} (has {sorted(raw)})")
     video = to_rgb(raw[spec.video_key], f"{dataset}/{spec.video_key}")
     text = ""
     if spec.label_key is not None:
