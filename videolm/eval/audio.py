@@ -2,8 +2,9 @@
 
 Pitch: one windowed spectrum centred on each video frame's time; the strongest spectral peaks in
 the world's pitch range (up to ``max_objects`` of them, so simultaneous tones are resolved) are
-refined by parabolic interpolation of the log magnitude. Onsets: the clicks are short bursts far
-above every tone, so a high-pass envelope shows them as isolated peaks.
+refined by parabolic interpolation of the log magnitude; the share of each window's energy near
+those peaks (``tonal_ratio``) measures how clean the tones are. Onsets: the clicks are short bursts
+far above every tone, so the envelope of a band around the click frequency shows them as peaks.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from videolm.data import soundshapes
 
 WINDOW_SECONDS = 0.128
 _ZERO_PAD = 4
+# Half the width of a Hann window's main lobe is 2 / WINDOW_SECONDS = 15.6 Hz.
+_PEAK_HALF_WIDTH_HZ = 20.0
 # A spectral peak counts as a tone when its amplitude is at least this fraction of the frame's
 # strongest peak, at least _MIN_AMPLITUDE (full scale = 1) and well above the frame's noise floor.
 _RELATIVE_PEAK = 0.2
@@ -24,7 +27,7 @@ _FLOOR_FACTOR = 8.0
 _ENVELOPE_SECONDS = 0.002
 _MIN_ONSET_GAP_SECONDS = 0.06
 _MIN_ONSET_LEVEL = 0.05
-_ONSET_FLOOR_FACTOR = 6.0
+_ONSET_FLOOR_FACTOR = 4.0
 
 
 @dataclasses.dataclass
@@ -33,6 +36,7 @@ class AudioAnalysis:
     pitches_hz: np.ndarray    # float32 [T, K] detected tone frequencies, ascending, NaN-padded
     amplitudes: np.ndarray    # float32 [T, K] their amplitudes (a full-scale sine has 1)
     onsets: np.ndarray        # float [M] click times in seconds
+    tonal_ratio: float        # share of the windows' energy within the detected tones' peaks
 
     @property
     def num_tones(self) -> np.ndarray:
@@ -54,12 +58,13 @@ def analyze_audio(audio: np.ndarray, config: soundshapes.WorldConfig) -> AudioAn
     """Pitch tracks at the video frame times and click onsets of a float [S] soundtrack."""
     audio = _check_audio(audio)
     frame_times = np.arange(config.num_frames) / config.fps
-    pitches, amplitudes = pitch_tracks(audio, config, frame_times)
-    return AudioAnalysis(frame_times, pitches, amplitudes, detect_onsets(audio, config))
+    pitches, amplitudes, tonal_ratio = pitch_tracks(audio, config, frame_times)
+    return AudioAnalysis(frame_times, pitches, amplitudes, detect_onsets(audio, config), tonal_ratio)
 
 
 def pitch_tracks(audio: np.ndarray, config: soundshapes.WorldConfig, times: np.ndarray):
-    """(pitches_hz, amplitudes), each float32 [len(times), max_objects], NaN where no tone."""
+    """(pitches_hz, amplitudes, tonal_ratio): float32 [len(times), max_objects] each, NaN where no
+    tone, and the share of the windows' energy within +-_PEAK_HALF_WIDTH_HZ of the detected tones."""
     rate = config.sample_rate
     size = int(round(WINDOW_SECONDS * rate)) | 1
     half = size // 2
@@ -76,6 +81,8 @@ def pitch_tracks(audio: np.ndarray, config: soundshapes.WorldConfig, times: np.n
     high = min(1.25 * config.max_pitch_hz, 0.45 * rate)
     band = np.flatnonzero((freqs >= low) & (freqs <= high))
     k = config.max_objects
+    power = magnitude ** 2
+    tonal = np.zeros_like(power, bool)
     out_hz = np.full((len(times), k), np.nan, np.float32)
     out_amp = np.full((len(times), k), np.nan, np.float32)
     for t, spectrum in enumerate(magnitude):
@@ -91,7 +98,10 @@ def pitch_tracks(audio: np.ndarray, config: soundshapes.WorldConfig, times: np.n
         found = sorted(_refine(spectrum, freqs, p) for p in keep)
         for j, (hz, amp) in enumerate(found):
             out_hz[t, j], out_amp[t, j] = hz, amp
-    return out_hz, out_amp
+            tonal[t] |= np.abs(freqs - hz) <= _PEAK_HALF_WIDTH_HZ
+    total = power.sum()
+    tonal_ratio = float(power[tonal].sum() / total) if total > 0 else 0.0
+    return out_hz, out_amp, tonal_ratio
 
 
 def _refine(spectrum, freqs, peak):
@@ -104,10 +114,12 @@ def _refine(spectrum, freqs, peak):
 
 
 def detect_onsets(audio: np.ndarray, config: soundshapes.WorldConfig) -> np.ndarray:
-    """Click times (seconds): peaks of the high-passed RMS envelope, timed at its half-height rise."""
+    """Click times (seconds): peaks of the RMS envelope in the clicks' band (tones lie far below),
+    timed at the envelope's half-height rise."""
     rate = config.sample_rate
-    cutoff = min(2.0 * config.max_pitch_hz, 0.75 * config.click_hz)
-    sos = signal.butter(6, cutoff, 'highpass', fs=rate, output='sos')
+    low = max(1.5 * config.max_pitch_hz, 0.8 * config.click_hz)
+    high = min(1.2 * config.click_hz, 0.49 * rate)
+    sos = signal.butter(4, (low, high), 'bandpass', fs=rate, output='sos')
     high = signal.sosfilt(sos, audio)
     length = max(1, int(_ENVELOPE_SECONDS * rate))
     envelope = np.sqrt(np.convolve(high ** 2, np.ones(length) / length, mode='same'))

@@ -115,12 +115,12 @@ def trajectory_errors(analysis: world.VideoAnalysis, reference_attributes, refer
 def temporal_consistency(analysis: world.VideoAnalysis, video: np.ndarray) -> dict:
     """area_cv: mean over objects of std/mean of the mask area; color_switch_rate: fraction of
     consecutive frames whose set of visible colours changes; background_flicker: mean absolute
-    change (0-255) of background pixels between consecutive frames."""
+    change (0-255) between consecutive frames of the pixels at least 2 px away from every object."""
     areas = [o.areas[o.present].astype(np.float64) for o in analysis.objects]
     area_cv = float(np.mean([a.std() / a.mean() for a in areas])) if areas else 0.0
     sets = analysis.colors_per_frame
     switches = float(np.mean([x != y for x, y in zip(sets[:-1], sets[1:])])) if len(sets) > 1 else 0.0
-    grown = ndimage.binary_dilation(analysis.foreground, np.ones((1, 3, 3), bool))
+    grown = ndimage.binary_dilation(analysis.object_mask, np.ones((1, 5, 5), bool))
     still = ~grown[1:] & ~grown[:-1]
     change = np.abs(np.diff(video.astype(np.float32), axis=0)).mean(-1)
     flicker = float(change[still].mean()) if still.any() else 0.0
@@ -247,6 +247,9 @@ def score_clips(config: soundshapes.WorldConfig, videos=None, audios=None, capti
         rows = [temporal_consistency(s, v) for s, v in zip(seen, videos)]
         out['temporal'] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         out['objects_per_clip'] = float(np.mean([len(s.objects) for s in seen]))
+    if heard is not None:
+        out['audio'] = {'tonal_ratio': float(np.mean([h.tonal_ratio for h in heard])),
+                        'onsets_per_clip': float(np.mean([len(h.onsets) for h in heard]))}
     if seen is not None and heard is not None:
         out['audio_video'] = _aggregate_audio_video(
             [audio_video_agreement(s, heard[i], config) for i, s in enumerate(seen)])

@@ -55,6 +55,7 @@ class VideoAnalysis:
     objects: list             # ObjectTrack, ordered by first appearance left to right
     foreground: np.ndarray    # bool [T, H, W]
     labels: np.ndarray        # int8 [T, H, W]: index into config.colors, -1 for background
+    object_mask: np.ndarray   # bool [T, H, W]: union of the objects' masks
     colors_per_frame: list    # per frame, the frozenset of colours visible as objects
 
     @property
@@ -110,13 +111,15 @@ def analyze_video(video: np.ndarray, config: soundshapes.WorldConfig) -> VideoAn
     colors_per_frame = [frozenset(config.colors[c] for c in np.flatnonzero(v)) for v in visible]
 
     objects = []
+    object_mask = np.zeros(foreground.shape, bool)
     for c in np.flatnonzero(visible.mean(0) >= MIN_PRESENCE):
         masks = np.zeros((num_frames,) + video.shape[1:3], bool)
         for t in np.flatnonzero(visible[:, c]):
             masks[t] = blobs[t, c]
+        object_mask |= masks
         objects.append(_track(config.colors[c], masks, config))
     objects.sort(key=lambda o: (np.nanmean(o.centroids[:, 1]), np.nanmean(o.centroids[:, 0])))
-    return VideoAnalysis(objects, foreground, labels, colors_per_frame)
+    return VideoAnalysis(objects, foreground, labels, object_mask, colors_per_frame)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
