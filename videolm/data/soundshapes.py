@@ -78,7 +78,8 @@ _FADE_SECONDS = 0.005
 _PHASE_HOP = 16  # samples
 _MIN_OBJECT_PIXELS = 4.0
 _GAP_PIXELS = 2.0
-_PLACEMENT_TRIES = 64
+_PLACEMENT_TRIES = 32
+_REDRAWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,16 +424,31 @@ def _synthesize_audio(config: WorldConfig, objects, phases, contacts) -> np.ndar
 # ----------------------------------------------------------------------------- the clip
 
 
-def _draw_objects(rng, config: WorldConfig, split: str) -> list[tuple[str, str, str]]:
+def _place_objects(rng, config: WorldConfig, split: str, frame_times: np.ndarray):
+    """Draws the clip's objects (distinct colours and shapes, combinations allowed in ``split``)
+    one at a time, each on a path that never comes within _GAP_PIXELS of those already placed.
+    An object that finds no free path after _PLACEMENT_TRIES tries is redrawn with other
+    attributes; the clip keeps fewer objects only if every redraw fails too (min_objects > 1
+    in a crowded world)."""
     combos = split_combinations(config, split)
     count = int(rng.integers(config.min_objects, config.max_objects + 1))
-    chosen: list[tuple[str, str, str]] = []
+    objects, tracks = [], []
     for _ in range(count):
-        free = [c for c in combos if all(c[0] != o[0] and c[1] != o[1] for o in chosen)]
-        if not free:
+        free = [c for c in combos if all(c[0] != o.color and c[1] != o.shape for o in objects)]
+        for _ in range(_REDRAWS if free else 0):
+            attributes = free[int(rng.integers(len(free)))]
+            for _ in range(_PLACEMENT_TRIES):
+                obj = _sample_object(rng, config, *attributes)
+                track = object_positions(obj, config, frame_times)
+                if not any(_overlaps(track, other, obj.size, placed.size)
+                           for placed, other in zip(objects, tracks)):
+                    objects.append(obj)
+                    tracks.append(track)
+                    break
+            else:
+                continue
             break
-        chosen.append(free[int(rng.integers(len(free)))])
-    return chosen
+    return objects, tracks
 
 
 def generate_clip(config: WorldConfig, split: str, index: int) -> dict:
@@ -458,16 +474,7 @@ def generate_clip(config: WorldConfig, split: str, index: int) -> dict:
         [int(config.seed), SPLITS.index(split), int(index)]))
 
     frame_times = np.arange(config.num_frames) / config.fps
-    attributes = _draw_objects(rng, config, split)
-    objects, tracks = [], []
-    for _ in range(_PLACEMENT_TRIES):
-        objects = [_sample_object(rng, config, *attr) for attr in attributes]
-        tracks = [object_positions(o, config, frame_times) for o in objects]
-        if not any(_overlaps(tracks[i], tracks[j], objects[i].size, objects[j].size)
-                   for i in range(len(objects)) for j in range(i)):
-            break
-    else:  # Rare: no non-overlapping placement found; keep the first object alone.
-        objects, tracks = objects[:1], tracks[:1]
+    objects, tracks = _place_objects(rng, config, split, frame_times)
 
     background_kind = config.backgrounds[int(rng.integers(len(config.backgrounds)))]
     background = _background(rng, config, background_kind)
@@ -478,10 +485,11 @@ def generate_clip(config: WorldConfig, split: str, index: int) -> dict:
     masks = np.zeros((num,) + shape_thw, bool)
     video = np.broadcast_to(background, shape_thw + (3,)).copy()
     control = np.zeros(shape_thw, np.uint8)
+    grey_step = min(96, 160 // max(1, num - 1))
     for k, (obj, track) in enumerate(zip(objects, tracks)):
         masks[k] = shape_masks(obj.shape, track, obj.size, config.height, config.width)
         video[masks[k]] = COLORS[obj.color]
-        control[masks[k]] = 255 - (num - 1 - k) * 96
+        control[masks[k]] = 255 - (num - 1 - k) * grey_step
 
     counts = masks.sum(axis=(2, 3))
     rows = np.arange(config.height, dtype=np.float64)

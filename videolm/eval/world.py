@@ -91,7 +91,8 @@ def analyze_video(video: np.ndarray, config: soundshapes.WorldConfig) -> VideoAn
     palette = config.palette()
     labels = np.full(foreground.shape, -1, np.int8)
     # Nearest palette colour: argmin |p - q|^2 = argmin (|q|^2 - 2 p.q).
-    labels[foreground] = ((palette ** 2).sum(-1) - 2 * video[foreground].astype(np.float32) @ palette.T).argmin(-1)
+    colored = video[foreground].astype(np.float32)
+    labels[foreground] = ((palette ** 2).sum(-1) - 2 * colored @ palette.T).argmin(-1)
 
     # A colour is visible in a frame when its largest connected blob covers a third of the
     # smallest object (a small triangle): compression fringes along edges stay below that.
@@ -105,9 +106,8 @@ def analyze_video(video: np.ndarray, config: soundshapes.WorldConfig) -> VideoAn
         blob = _largest_component(labels[t] == c)
         if blob.sum() >= min_pixels:
             blobs[t, c] = blob
-    visible = np.zeros_like(counts, bool)                                  # [T, C]
-    for t, c in blobs:
-        visible[t, c] = True
+    visible = np.zeros(counts.shape, bool)                                 # [T, C]
+    visible[tuple(np.array(list(blobs), int).reshape(-1, 2).T)] = True
     colors_per_frame = [frozenset(config.colors[c] for c in np.flatnonzero(v)) for v in visible]
 
     objects = []
