@@ -44,6 +44,12 @@ def test_invalid_settings_raise_naming_the_field(field, value):
         ss.generate_clip(config, 'train', 0)
 
 
+def test_lists_from_configs_are_accepted():
+    config = ss.WorldConfig(shapes=['circle', 'square'], speeds=[0.2], object_size=[0.2, 0.25])
+    assert config.shapes == ('circle', 'square') and hash(config)
+    assert ss.generate_clip(config, 'train', 0)['shapes'][0] in ('circle', 'square')
+
+
 def test_bad_split_and_index_raise():
     with pytest.raises(ValueError, match='split'):
         ss.generate_clip(CONFIG, 'holdout', 0)

@@ -113,6 +113,14 @@ class WorldConfig:
     holdout_modulus: int = 7
     seed: int = 0
 
+    def __post_init__(self):
+        # Configs and command lines may hand over lists; keep the config hashable.
+        for name in ('shapes', 'colors', 'motions', 'speeds', 'backgrounds', 'object_size'):
+            value = getattr(self, name)
+            if isinstance(value, (list, np.ndarray)):
+                object.__setattr__(self, name, tuple(value.tolist() if isinstance(
+                    value, np.ndarray) else value))
+
     def validate(self) -> None:
         """Raises ValueError naming the first invalid field."""
         for name in ('height', 'width', 'num_frames', 'sample_rate'):
@@ -132,6 +140,8 @@ class WorldConfig:
             raise ValueError(f'WorldConfig.max_objects={self.max_objects} exceeds the number of '
                              f'distinct shapes/colours available to one clip '
                              f'({len(self.shapes)} shapes, {len(self.colors)} colours)')
+        if len(self.object_size) != 2:
+            raise ValueError(f'WorldConfig.object_size must be (low, high), got {self.object_size}')
         low, high = self.object_size
         if not 0 < low <= high:
             raise ValueError(f'WorldConfig.object_size must be (low, high) with 0 < low <= high, '
@@ -374,7 +384,7 @@ def shape_masks(shape: str, centers: np.ndarray, size: float, height: int, width
 
 
 def _background(rng, config: WorldConfig, kind: str) -> np.ndarray:
-    """[H, W, 3] float32 grey background (chroma <= 16)."""
+    """[H, W, 3] uint8 grey background (chroma <= 16)."""
     height, width = config.height, config.width
     grey = rng.uniform(50.0, 170.0)
     tint = rng.uniform(-8.0, 8.0, size=3)
@@ -385,14 +395,18 @@ def _background(rng, config: WorldConfig, kind: str) -> np.ndarray:
         coarse = rng.uniform(-35.0, 35.0, size=(cells + 1, cells + 1))
         ys = np.linspace(0, cells, height)
         xs = np.linspace(0, cells, width)
-        rows = np.stack([np.interp(xs, np.arange(cells + 1), row) for row in coarse])
-        noise = np.stack([np.interp(ys, np.arange(cells + 1), col) for col in rows.T], axis=1)
+        noise = _lerp_matrix(ys, cells) @ coarse @ _lerp_matrix(xs, cells).T   # bilinear
         period = int(rng.integers(3, 9)) * max(1, config.frame_size // 64)
         checker = ((np.arange(height)[:, None] // period + np.arange(width)[None] // period) % 2)
         image = image + noise + 10.0 * (checker - 0.5)
     elif kind != 'plain':
         raise ValueError(f'background {kind!r} is unknown; expected one of {BACKGROUNDS}')
-    return np.clip(image[..., None] + tint, 0, 255).astype(np.float32)
+    return np.clip(np.round(image[..., None] + tint), 0, 255).astype(np.uint8)
+
+
+def _lerp_matrix(points: np.ndarray, cells: int) -> np.ndarray:
+    """[len(points), cells + 1] weights of linear interpolation at ``points`` in [0, cells]."""
+    return np.maximum(0.0, 1.0 - np.abs(points[:, None] - np.arange(cells + 1)[None]))
 
 
 def _synthesize_audio(config: WorldConfig, objects, phases, contacts) -> np.ndarray:
@@ -508,7 +522,7 @@ def generate_clip(config: WorldConfig, split: str, index: int) -> dict:
     pitch = np.stack([shape_pitch_hz(config, o.shape, tr[:, 0]) for o, tr in zip(objects, tracks)])
     attributes = [(o.color, o.shape, o.motion) for o in objects]
     return {
-        'video': video.astype(np.uint8),
+        'video': video,
         'audio': audio,
         'caption': caption_for(attributes),
         'control': np.repeat(control[..., None], 3, axis=-1),
@@ -527,3 +541,16 @@ def generate_clip(config: WorldConfig, split: str, index: int) -> dict:
         'split': split,
         'index': int(index),
     }
+
+
+def measure_throughput(config: WorldConfig, num_clips: int = 64, split: str = 'train') -> dict:
+    """Clips per second of ``generate_clip`` in this process (after one warm-up clip)."""
+    import time
+    generate_clip(config, split, 0)
+    start = time.perf_counter()
+    for index in range(num_clips):
+        generate_clip(config, split, index)
+    seconds = time.perf_counter() - start
+    return {'name': 'soundshapes_generate', 'height': config.height, 'width': config.width,
+            'num_frames': config.num_frames, 'num_clips': num_clips,
+            'clips_per_s': num_clips / seconds}
