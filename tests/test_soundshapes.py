@@ -181,6 +181,11 @@ def test_clicks_sound_at_wall_contacts():
     energy = np.convolve(high ** 2, np.ones(80), mode='same')
     loudest = np.argmax(energy) / config.sample_rate
     assert abs(loudest - contact) < 0.01
+    # Two bouncing objects never click at (nearly) the same time: each click stays audible.
+    both = dataclasses.replace(config, min_objects=2, max_objects=2)
+    for index in range(12):
+        times = sorted(t for ts in ss.generate_clip(both, 'train', index)['bounce_times'] for t in ts)
+        assert len(times) >= 2 and np.min(np.diff(times)) >= 0.15
 
 
 def test_compositional_split_holds_unseen_combinations():

@@ -78,6 +78,7 @@ _FADE_SECONDS = 0.005
 _PHASE_HOP = 16  # samples
 _MIN_OBJECT_PIXELS = 4.0
 _GAP_PIXELS = 2.0
+_MIN_CLICK_GAP_SECONDS = 0.15
 _PLACEMENT_TRIES = 32
 _REDRAWS = 8
 
@@ -440,7 +441,8 @@ def _synthesize_audio(config: WorldConfig, objects, phases, contacts) -> np.ndar
 
 def _place_objects(rng, config: WorldConfig, split: str, frame_times: np.ndarray):
     """Draws the clip's objects (distinct colours and shapes, combinations allowed in ``split``)
-    one at a time, each on a path that never comes within _GAP_PIXELS of those already placed.
+    one at a time, each on a path that never comes within _GAP_PIXELS of those already placed
+    and whose wall contacts are _MIN_CLICK_GAP_SECONDS away from theirs (distinct clicks).
     An object that finds no free path after _PLACEMENT_TRIES tries is redrawn with other
     attributes; the clip keeps fewer objects only if every redraw fails too (min_objects > 1
     in a crowded world)."""
@@ -454,8 +456,11 @@ def _place_objects(rng, config: WorldConfig, split: str, frame_times: np.ndarray
             for _ in range(_PLACEMENT_TRIES):
                 obj = _sample_object(rng, config, *attributes)
                 track = object_positions(obj, config, frame_times)
+                clicks = wall_contact_times(obj, config)
                 if not any(_overlaps(track, other, obj.size, placed.size)
-                           for placed, other in zip(objects, tracks)):
+                           for placed, other in zip(objects, tracks)) and not any(
+                               abs(a - b) < _MIN_CLICK_GAP_SECONDS for placed in objects
+                               for a in wall_contact_times(placed, config) for b in clicks):
                     objects.append(obj)
                     tracks.append(track)
                     break
