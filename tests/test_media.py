@@ -62,6 +62,38 @@ def test_mp4_without_audio_and_odd_size(tmp_path, bounce_clip):
         media.read_audio(path)
 
 
+def test_stereo_and_packed_integer_audio_tracks(tmp_path):
+    rate = 16000
+    times = np.arange(rate) / rate
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * times),
+                       0.25 * np.sin(2 * np.pi * 660 * times)], axis=1).astype(np.float32)
+    frames = np.zeros((8, 16, 16, 3), np.uint8)
+    media.write_mp4(tmp_path / 'stereo.mp4', frames, 8, audio=stereo, sample_rate=rate)
+    both, _ = media.read_audio(tmp_path / 'stereo.mp4', mono=False)
+    assert both.shape == stereo.shape
+    assert np.corrcoef(both[:, 0], stereo[:, 0])[0, 1] > 0.98
+    assert np.corrcoef(both[:, 1], stereo[:, 1])[0, 1] > 0.98
+    # A .mov with interleaved 16-bit PCM (another encoder's layout) reads back per channel.
+    with av.open(str(tmp_path / 'pcm.mov'), 'w') as container:
+        video = container.add_stream('libx264', rate=8)
+        video.width, video.height, video.pix_fmt = 16, 16, 'yuv420p'
+        sound = container.add_stream('pcm_s16le', rate=rate)
+        sound.layout = 'stereo'
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+        container.mux(video.encode())
+        packed = np.round(stereo * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(packed, format='s16', layout='stereo')
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(sound.encode(frame))
+        container.mux(sound.encode(None))
+    pcm, got_rate = media.read_audio(tmp_path / 'pcm.mov', mono=False)
+    assert got_rate == rate
+    np.testing.assert_allclose(pcm, stereo, atol=1e-4)
+    with pytest.raises(ValueError, match='mono'):
+        media.write_mp4(tmp_path / 'x.mp4', frames, 8, np.zeros((100, 3), np.float32), rate)
+
+
 def test_gif_round_trip(tmp_path, bounce_clip):
     path = tmp_path / 'clip.gif'
     media.write_gif(path, bounce_clip['video'], 10.0)

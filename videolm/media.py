@@ -102,6 +102,8 @@ def write_mp4(path, video, fps: float, audio=None, sample_rate: int | None = Non
     rate = _check_fps(fps)
     if audio is not None:
         audio = _check_audio(audio, sample_rate)
+        if audio.ndim == 2 and audio.shape[1] not in (1, 2):
+            raise ValueError(f'write_mp4: audio must be mono [S] or [S, 1|2], got {audio.shape}')
     if video.shape[1] % 2 or video.shape[2] % 2:
         video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)),
                        mode='edge')
@@ -112,7 +114,7 @@ def write_mp4(path, video, fps: float, audio=None, sample_rate: int | None = Non
         stream.options = {'crf': str(int(crf))}
         if audio is not None:
             sound = container.add_stream('aac', rate=int(sample_rate))
-            sound.layout = 'mono' if audio.ndim == 1 else 'stereo'
+            sound.layout = 'stereo' if audio.ndim == 2 and audio.shape[1] == 2 else 'mono'
             sound.bit_rate = int(audio_bitrate)
         for frame in video:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
@@ -233,19 +235,28 @@ def _decode_audio(path, mono: bool):
     with av.open(path) as container:
         stream = container.streams.audio[0]
         sample_rate = stream.codec_context.sample_rate
-        chunks = [f.to_ndarray().astype(np.float32) for f in container.decode(stream)]
+        chunks = [_frame_samples(frame) for frame in container.decode(stream)]
         expected = None
         if stream.duration is not None and stream.time_base is not None:
             expected = int(round(float(stream.duration * stream.time_base) * sample_rate))
     if not chunks:
         raise MediaError(f'{path}: audio stream holds no samples')
-    channels = chunks[0].shape[0] if chunks[0].ndim == 2 else 1
-    # Planar frames are [C, n]; packed ones [1, n * C].
-    audio = np.concatenate([c.reshape(channels, -1) if c.shape[0] == channels else
-                            c.reshape(-1, channels).T for c in chunks], axis=1).T   # [S, C]
+    audio = np.concatenate(chunks, axis=0)                                 # [S, C]
     if expected is not None and 0 < expected <= len(audio):
         audio = audio[:expected]   # the encoder pads the last frame
     return (audio.mean(axis=1) if mono else audio), int(sample_rate)
+
+
+def _frame_samples(frame) -> np.ndarray:
+    """float32 [n, C] in [-1, 1] from a decoded audio frame (planar or packed, float or int)."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    data = data.reshape(channels, -1).T if frame.format.is_planar else data.reshape(-1, channels)
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(data.dtype, np.integer):
+        return data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
+    return data.astype(np.float32)
 
 
 def _read_gif(path) -> Video:
