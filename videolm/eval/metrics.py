@@ -169,12 +169,13 @@ def audio_video_agreement(analysis: world.VideoAnalysis, sound: audio_eval.Audio
     """Per clip counts: does the soundtrack sound the objects the video shows, bounce for bounce?"""
     cents = pitch_errors_cents(expected_pitch_hz(analysis, config), sound.pitches_hz)
     cents = cents[np.isfinite(cents)]
-    visible = np.array([len(s) for s in analysis.colors_per_frame])
+    frames = min(len(analysis.colors_per_frame), len(sound.num_tones))
+    visible = np.array([len(s) for s in analysis.colors_per_frame[:frames]])
     bounces = sorted(t for o in analysis.objects for t in o.bounce_times)
     onsets = list(sound.onsets)
     hits = len(match_events(bounces, onsets, ONSET_TOLERANCE_SECONDS))
-    return {'cents': cents, 'tone_count_hits': int(np.sum(sound.num_tones == visible)),
-            'frames': len(visible), 'onset_tp': hits, 'onset_fp': len(onsets) - hits,
+    return {'cents': cents, 'tone_count_hits': int(np.sum(sound.num_tones[:frames] == visible)),
+            'frames': frames, 'onset_tp': hits, 'onset_fp': len(onsets) - hits,
             'onset_fn': len(bounces) - hits,
             'lags': match_events(bounces, onsets, LAG_WINDOW_SECONDS)}
 
