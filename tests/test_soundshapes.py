@@ -109,8 +109,11 @@ def test_caption_matches_objects_and_parses_back(clips):
     for clip in clips:
         assert ss.parse_caption(clip['caption']) == _objects(clip)
         for color, shape, motion in _objects(clip):
-            assert f'a {color} {shape} {ss.MOTION_PHRASES[motion]}' in clip['caption']
+            article = 'an' if color[0] in 'aeiou' else 'a'
+            assert f'{article} {color} {shape} {ss.MOTION_PHRASES[motion]}' in clip['caption']
     assert ss.parse_caption('a red circle moves to the left') == [('red', 'circle', 'left')]
+    assert ss.parse_caption('an orange square moves up and a red circle moves down and to the left') == [
+        ('orange', 'square', 'up'), ('red', 'circle', 'down-left')]
     assert ss.parse_caption('a blue square bounces between the walls and a green triangle moves '
                             'up and to the left') == [('blue', 'square', 'bounce'),
                                                        ('green', 'triangle', 'up-left')]

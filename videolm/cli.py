@@ -27,7 +27,9 @@ EVALUATORS: dict[str, str] = {
     "soundshapes": "videolm.cli:evaluate_world",
 }
 # benchmark name -> "module:function"; functions take (config or None) and return a dict.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "soundshapes": "videolm.cli:bench_soundshapes",
+}
 
 
 class UsageError(ValueError):
@@ -86,6 +88,12 @@ def evaluate_world(config, workdir: str) -> dict:
     world = WorldConfig(**config.world.to_dict())
     return evaluate_ground_truth(world, config.eval.split, num_clips=config.eval.num_clips,
                                  seed=config.eval.seed, through_mp4=config.eval.through_mp4)
+
+
+def bench_soundshapes(config) -> list[dict]:
+    """Clips generated per second at 64x64 and 128x128 (``videolm bench soundshapes``)."""
+    from videolm.data.soundshapes import WorldConfig, measure_throughput
+    return [measure_throughput(WorldConfig(height=s, width=s), 200) for s in (64, 128)]
 
 
 def cmd_data_build(args) -> int:

@@ -227,26 +227,27 @@ def caption_for(objects) -> str:
     """Caption of (color, shape, motion) triples: 'a red circle moves up and a ...'."""
     parts = []
     for color, shape, motion in objects:
-        parts.append(f'a {color} {shape} {MOTION_PHRASES[motion]}')
+        article = 'an' if color[0] in 'aeiou' else 'a'
+        parts.append(f'{article} {color} {shape} {MOTION_PHRASES[motion]}')
     return ' and '.join(parts)
 
 
 _PHRASE_TO_MOTION = {phrase: motion for motion, phrase in MOTION_PHRASES.items()}
-_CLAUSE = re.compile(r'a (\w+) (\w+) (.+)')
+_CLAUSE = re.compile(r'an? (\w+) (\w+) (.+)')
+# Clauses are joined by ' and ', which motion phrases also use: split only where a colour follows.
+_CLAUSE_BREAK = re.compile(r' and (?=an? (?:%s) )' % '|'.join(COLORS))
 
 
 def parse_caption(caption: str) -> list[tuple[str, str, str]]:
     """Inverse of ``caption_for``: list of (color, shape, motion). Raises ValueError if malformed."""
     text = ' '.join(caption.strip().lower().rstrip('.').split())
     objects = []
-    for clause in text.split(' and a '):
-        if objects:
-            clause = 'a ' + clause
+    for clause in _CLAUSE_BREAK.split(text):
         match = _CLAUSE.fullmatch(clause)
         if (match is None or match[1] not in COLORS or match[2] not in SHAPES
                 or match[3] not in _PHRASE_TO_MOTION):
             raise ValueError(f'caption {caption!r}: cannot parse {clause!r}; expected '
-                             f'"a <colour> <shape> <motion phrase>" joined by " and "')
+                             f'"a/an <colour> <shape> <motion phrase>" joined by " and "')
         objects.append((match[1], match[2], _PHRASE_TO_MOTION[match[3]]))
     return objects
 
