@@ -96,9 +96,10 @@ def _check(errors, dtype, names):
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_prefix_lm_cases_f32_unaligned_length(backend):
+    """Also an unaligned head_dim (24: a full-width tile on TPU, padded to 32 on GPU)."""
     case = CASES[backend]
     prefixes = case["prefixes"]
-    errors = _errors(backend, jnp.float32, b=len(prefixes), s=case["seq"], h=1, kvh=1, d=32,
+    errors = _errors(backend, jnp.float32, b=len(prefixes), s=case["seq"], h=1, kvh=1, d=24,
                      prefix_len=prefixes)
     _check(errors, jnp.float32, PREFIX_NAMES)
 
@@ -284,6 +285,21 @@ def test_bad_inputs_raise_clear_errors():
         flash_attention(q, k, v, backend="tpu", block_sizes=uniform(64))
     with pytest.raises(ValueError, match="power of two"):
         flash_attention(q, k, v, backend="gpu", block_sizes=uniform(48))
+
+
+def test_bench_rows():
+    """The bench's accelerator code path, run tiny on CPU (interpreted kernel, xla)."""
+    from videolm.kernels.attention import bench
+    opts = bench._options({"seq_lens": (64,), "batch": 1, "num_heads": 2, "num_kv_heads": 1,
+                           "head_dim": 16, "dtype": "float32", "steps": 1, "warmup": 1})
+    rows = bench.speed_rows(opts, on_accelerator=True)
+    assert [r["mask"] for r in rows] == ["causal", "prefix_256", "prefix_1536"]
+    for row in rows:
+        assert row["kernel_fwd_ms"] > 0 and row["xla_fwd_bwd_ms"] > 0, row
+        assert row["skipped_frac"] + row["full_frac"] + row["partial_frac"] == pytest.approx(1)
+    assert rows[1]["prefix_len"] == 64 and rows[1]["full_frac"] == 1.0  # prefix covers all
+    with pytest.raises(ValueError, match="unknown options"):
+        bench._options({"seq_len": 5})
 
 
 def test_block_size_table():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -68,7 +70,6 @@ def get_block_sizes(backend: str, seq_len: int, head_dim: int, dtype) -> BlockSi
     if backend not in TABLE:
         raise ValueError(f"no block-size table for backend {backend!r}; expected one of "
                          f"{sorted(TABLE)}")
-    import numpy as np
     dtype_name = np.dtype(dtype).name
     table = TABLE[backend]
     for key in ((head_dim, dtype_name), (None, dtype_name), (head_dim, None), (None, None)):
