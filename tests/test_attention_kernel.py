@@ -181,6 +181,13 @@ def test_sharded_kernel_matches_unsharded_reference(num_fake_devices):
     assert float(jnp.max(jnp.abs(out - want))) <= TOL[jnp.float32]
     for g, w in zip(grads, want_grads):
         assert float(jnp.max(jnp.abs(g - w))) <= TOL[jnp.float32]
+    # The same from the mesh in context and logical rules (as the model calls it).
+    rules = (("batch", ("data", "fsdp")), ("act_heads", "tensor"))
+    ctx = functools.partial(sharded_flash_attention, rules=rules, backend="gpu",
+                            block_sizes=uniform(16))
+    with jax.set_mesh(mesh):
+        out_ctx = _run(lambda q, k, v: ctx(q, k, v, prefix_len=prefix, segment_ids=seg), qs, ks, vs)
+    assert float(jnp.max(jnp.abs(out_ctx - want))) <= TOL[jnp.float32]
 
 
 def test_sharded_rejects_kv_heads_that_cannot_follow_q_heads():

@@ -12,6 +12,7 @@ picks the backend's interpreter.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def flash_attention(q, k, v, *, prefix_len=None, segment_ids=None, causal=True, 
     # Pad the sequence to a multiple of every block. Padded keys lie beyond every query's
     # visibility limit (q_lim <= s - 1) so they are masked for free; padded queries are
     # sliced away and receive zero cotangents.
-    multiple = max(block_sizes.all())
+    multiple = math.lcm(*block_sizes.all())
     s_pad = -(-s // multiple) * multiple
     q_lim = visibility_limits(b, s, prefix_len, causal=causal)
     pad_seq = [(0, 0), (0, s_pad - s)]

@@ -24,10 +24,13 @@ def q_spec_from_rules(rules, logical_axes=DEFAULT_LOGICAL_AXES) -> PartitionSpec
     return parallel.logical_to_spec(logical_axes, rules)
 
 
-def sharded_flash_attention(q, k, v, *, mesh: Mesh, q_spec: PartitionSpec | None = None,
-                            rules=None, prefix_len=None, segment_ids=None, **kernel_kwargs):
+def sharded_flash_attention(q, k, v, *, mesh: Mesh | None = None,
+                            q_spec: PartitionSpec | None = None, rules=None, prefix_len=None,
+                            segment_ids=None, **kernel_kwargs):
     """``flash_attention`` run per shard of batch and heads.
 
+    mesh: a Mesh, or None for the mesh set by ``jax.set_mesh`` (no mesh set: the kernel
+    runs unsharded).
     q_spec: how q [B, S, H, D] is laid out over ``mesh``; only the batch and head entries
     may be set (the sequence and head_dim must be whole on each device). Without q_spec it
     comes from ``rules`` (logical names ``('batch', None, 'act_heads', None)``), and without
@@ -35,6 +38,11 @@ def sharded_flash_attention(q, k, v, *, mesh: Mesh, q_spec: PartitionSpec | None
     are dropped). k/v heads are split the same way when their count allows it; a single
     k/v head (MQA) is replicated. Other arguments as for ``flash_attention``.
     """
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return flash_attention(q, k, v, prefix_len=prefix_len, segment_ids=segment_ids,
+                                   **kernel_kwargs)
     if q_spec is None:
         if rules is not None:
             q_spec = q_spec_from_rules(rules)
