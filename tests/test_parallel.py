@@ -55,3 +55,11 @@ def test_create_sharded_matches_unsharded_and_rules():
     _, abstract = parallel.abstract_state(lambda: _Mlp(nnx.Rngs(0)), mesh, RULES)
     assert abstract["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
     assert parallel.data_parallel_size(mesh, RULES) == 4
+
+
+def test_init_jitted_equals_eager_init():
+    jitted = parallel.init_jitted(lambda: _Mlp(nnx.Rngs(3)))
+    eager = _Mlp(nnx.Rngs(3))
+    # same random bits; the unoptimised program may round the scaling differently (1 ulp)
+    np.testing.assert_allclose(np.asarray(jitted.up.kernel[...]), np.asarray(eager.up.kernel[...]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jitted.down.bias[...]), np.asarray(eager.down.bias[...]))

@@ -103,6 +103,21 @@ def _variable_sharding(variable, mesh: Mesh, rules: LogicalRules) -> NamedShardi
     return NamedSharding(mesh, logical_to_spec(names, rules) if names else PartitionSpec())
 
 
+def init_jitted(ctor: Callable[[], nnx.Module]) -> nnx.Module:
+    """Builds ``ctor()`` on the default device in one compiled program.
+
+    Building a module eagerly runs (and on CPU compiles) one small program per initializer;
+    tracing the constructor once, compiled without XLA's optimisation passes (it runs once), is
+    several times faster for models with many layers.
+    """
+    with nnx.use_eager_sharding(False):
+        graphdef, _ = nnx.split(nnx.eval_shape(ctor))
+        init = jax.jit(lambda: nnx.split(ctor())[1]).lower().compile(
+            compiler_options={"xla_backend_optimization_level": 0})
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
 def state_shardings(state, mesh: Mesh, rules: LogicalRules):
     """NamedShardings for an nnx State (or any pytree of Variables) from their logical names.
 
