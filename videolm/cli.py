@@ -29,6 +29,7 @@ EVALUATORS: dict[str, str] = {
 # benchmark name -> "module:function"; functions take (config or None) and return a dict.
 BENCHMARKS: dict[str, str] = {
     "soundshapes": "videolm.cli:bench_soundshapes",
+    "attention": "videolm.kernels.attention.bench:run_bench",
 }
 
 
@@ -59,6 +60,16 @@ def cmd_train(args) -> int:
     config = _load(args)
     os.makedirs(args.workdir, exist_ok=True)
     _resolve(_kind(config, TRAINERS, "trainer"))(config, args.workdir)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    config = _load(args)
+    if config.get("kind") != "tokenize":
+        raise UsageError(f"videolm tokenize needs a tokenize config (kind 'tokenize'), got kind {config.get('kind')!r}")
+    from videolm import tokenize
+    summary = tokenize.run(config, args.workdir)
+    print(json.dumps(summary["splits"], sort_keys=True))
     return 0
 
 
@@ -132,6 +143,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a trained model; prints one JSON object, writes workdir/eval.json")
     with_config(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tokenize", help="token shards of a dataset through the trained tokenizers; resumes")
+    with_config(p)
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("bench", help="a benchmark; prints one JSON line per result, last")
     p.add_argument("name", help="benchmark name")
