@@ -1,0 +1,172 @@
+"""SoundStream codec: causality, shapes from the config, the causal upsampler, losses, discriminators, API."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokenizers.soundstream import discriminators, losses
+from tokenizers.soundstream.api import AudioTokenizer
+from tokenizers.soundstream.model import CausalUpsample, SoundStream, build_codec
+from videolm import configlib
+
+STRIDES = (2, 4, 5, 8)
+HOP = 320
+
+
+def jit_build(ctor):
+    """``ctor()`` built in one compiled call (eager construction compiles op by op); the
+    initialisers run once, so the backend's optimisation passes are skipped."""
+    graphdef, _ = nnx.split(nnx.eval_shape(ctor))
+    init = jax.jit(lambda: nnx.split(ctor())[1]).lower().compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    return nnx.merge(graphdef, init())
+
+
+@pytest.fixture(scope="module")
+def codec():
+    audio = jax.random.normal(jax.random.key(0), (4, 32 * HOP)) * 0.3   # 128 latents > 16 codes
+
+    def build():
+        model = SoundStream(channels=2, latent_dim=8, strides=STRIDES, num_levels=3, codebook_size=16,
+                            rngs=nnx.Rngs(0))
+        model.quantizer.initialize(model.encoder(audio), jax.random.key(1))
+        return model
+
+    return jit_build(build)
+
+
+@pytest.fixture(scope="module")
+def encode_fn(codec):
+    graphdef, state = nnx.split(codec)
+    return jax.jit(lambda x: nnx.merge(graphdef, state).encoder(x))
+
+
+@pytest.fixture(scope="module")
+def decode_fn(codec):
+    graphdef, state = nnx.split(codec)
+    return jax.jit(lambda z: nnx.merge(graphdef, state).decoder(z))
+
+
+def test_encoder_is_causal(encode_fn):
+    samples = 12 * HOP
+    x = np.asarray(jax.random.normal(jax.random.key(2), (1, samples)) * 0.3)
+    n = 5 * HOP + 17                        # change every sample from n on
+    y = x.copy()
+    y[:, n:] = np.random.default_rng(0).normal(size=(1, samples - n)) * 0.3
+    zx, zy = np.asarray(encode_fn(jnp.asarray(x))), np.asarray(encode_fn(jnp.asarray(y)))
+    untouched = n // HOP                    # frames t with (t + 1) * hop <= n see only samples < n
+    np.testing.assert_array_equal(zx[:, :untouched], zy[:, :untouched])
+    assert np.abs(zx[:, untouched] - zy[:, untouched]).max() > 0   # frame 5 covers sample n
+
+
+def test_decoder_is_causal(decode_fn):
+    z = np.asarray(jax.random.normal(jax.random.key(3), (1, 10, 8)))
+    j = 4
+    w = z.copy()
+    w[:, j:] += 1.0
+    ax, aw = np.asarray(decode_fn(jnp.asarray(z))), np.asarray(decode_fn(jnp.asarray(w)))
+    np.testing.assert_array_equal(ax[:, :j * HOP], aw[:, :j * HOP])
+    assert np.abs(ax[:, j * HOP:] - aw[:, j * HOP:]).max() > 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "paper"])
+def test_frame_counts_and_shapes_follow_the_config(size):
+    config = configlib.load_config(f"configs/tokenizer_audio.py:{size}")
+    m = config.model
+    samples = 34000                          # 2.125 s at 16 kHz
+    spec = jax.ShapeDtypeStruct((2, samples), jnp.float32)
+
+    def run(x):
+        model = build_codec(m, rngs=nnx.Rngs(0))
+        codes = model.encode(x)
+        return model.hop, model.encoder(x), codes, model.decode(codes)
+
+    latents, codes, audio = jax.eval_shape(lambda x: run(x)[1:], spec)
+    assert nnx.eval_shape(lambda: build_codec(m, rngs=nnx.Rngs(0))).hop == 320
+    assert latents.shape == (2, 106, m.latent_dim)
+    assert codes.shape == (2, 106, m.num_levels) and codes.dtype == jnp.int32
+    assert audio.shape == (2, 106 * 320)
+    if size == "paper":
+        assert (m.num_levels, m.codebook_size, config.data.world.sample_rate) == (4, 1024, 16000)
+
+
+def test_causal_upsample_is_a_cropped_transposed_convolution():
+    s, cin, cout, frames = 4, 3, 2, 6
+    up = jit_build(lambda: CausalUpsample(cin, cout, s, rngs=nnx.Rngs(0)))
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, frames, cin)))
+    # The kernel-2 conv's taps (x[t - 1], x[t]) as a transposed-conv kernel W [2s, cin, cout]:
+    # W[r] = tap 1 (x[t]) for output phase r, W[s + r] = tap 0 (x[t - 1]).
+    k4 = np.asarray(up.conv.conv.kernel[...]).reshape(2, cin, s, cout)
+    w = np.concatenate([k4[1].transpose(1, 0, 2), k4[0].transpose(1, 0, 2)])
+    bias = np.asarray(up.conv.conv.bias[...]).reshape(s, cout)
+    # ConvTranspose(k=2s, stride=s): out[t * s + j] += x[t] @ W[j]; keep the first frames * s outputs.
+    ref = np.zeros((2, (frames + 1) * s, cout))
+    for t in range(frames):
+        for j in range(2 * s):
+            ref[:, t * s + j] += x[:, t] @ w[j]
+    ref = ref[:, :frames * s] + np.tile(bias, (frames, 1))[None]
+    np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mel_filterbank_covers_the_spectrum():
+    fb = losses.mel_filterbank(16000, 1024, 64)
+    assert fb.shape == (513, 64)
+    assert np.all(fb >= 0) and fb.max() <= 1.0
+    assert np.all(fb.max(0) > 0.5)           # every filter catches at least one bin near its peak
+    inner = fb[5:500].sum(1)                 # overlapping triangles tile the inner band
+    assert np.all(inner > 0.5) and np.all(inner < 1.5)
+
+
+def test_mel_loss_zero_on_identity_and_floor_ignores_quiet_noise():
+    t = np.arange(8000) / 16000
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    quiet = tone + 1e-3 * np.random.default_rng(0).normal(size=t.shape)   # -50 dB under the tone
+    detuned = 0.3 * np.sin(2 * np.pi * 440 * 2 ** (50 / 1200) * t)       # 50 cents sharp
+    x = jnp.asarray(np.stack([tone, tone]), jnp.float32)
+    y = jnp.asarray(np.stack([quiet, detuned]), jnp.float32)
+    kwargs = dict(sample_rate=16000, scales=(256, 512, 1024))
+    assert float(losses.multiscale_mel_loss(x, x, **kwargs)) == 0.0
+    dist = np.asarray(losses.spectral_distance_db(x, y, **kwargs))
+    assert dist[0] < 0.25 * dist[1]         # quiet noise scores far better than a wrong pitch
+    no_floor = np.asarray(losses.spectral_distance_db(x, y, floor_db=-200.0, **kwargs))
+    assert no_floor[0] > dist[0]            # ... because of the relative floor
+    with pytest.raises(ValueError, match="equal shape"):
+        losses.multiscale_mel_loss(x, y[:, :-1], **kwargs)
+
+
+def test_discriminators_give_logits_and_features():
+    d = jit_build(lambda: discriminators.Discriminators(
+        stft_channels=4, stft_n_fft=128, stft_hop=32, stft_channel_mults=(1, 2), wave_scales=2,
+        wave_channels=4, wave_downsamples=2, wave_max_channels=16, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (2, 1280))
+    outputs = jax.jit(lambda x: d(x))(x)
+    assert len(outputs) == 3                # one STFT + two waveform scales
+    stft_logits, stft_features = outputs[0]
+    assert stft_logits.shape == (2, 1280 // 32 // 2, 1, 1) and len(stft_features) == 3
+    for logits, features in outputs[1:]:
+        assert logits.shape[0] == 2 and logits.shape[-1] == 1 and len(features) == 4
+    grads = jax.jit(jax.grad(lambda x: sum(jnp.sum(o[0]) for o in d(x))))(x)
+    assert np.all(np.isfinite(np.asarray(grads))) and np.abs(np.asarray(grads)).max() > 0
+
+
+def test_api_encode_decode_and_levels(codec):
+    tok = AudioTokenizer(codec, sample_rate=16000)
+    assert tok.num_frames(34000) == 106 and tok.vocab_size == 48
+    wave = np.asarray(jax.random.normal(jax.random.key(4), (3 * HOP + 100,))) * 0.3
+    codes = tok.encode(wave)
+    assert codes.shape == (3, 3) and codes.dtype == np.int32
+    assert codes.min() >= 0 and codes.max() < 16
+    audio = tok.decode(codes)
+    assert audio.shape == (3 * HOP,) and audio.dtype == np.float32
+    coarse = tok.decode(codes[:1])
+    assert coarse.shape == (3 * HOP,) and not np.allclose(coarse, audio)
+    batch = tok.encode(np.stack([wave, wave]))
+    np.testing.assert_array_equal(batch[1], codes)
+    np.testing.assert_array_equal(tok.unflatten(tok.flatten(codes)), codes)
+    with pytest.raises(ValueError, match="levels"):
+        tok.decode(np.zeros((4, 3), np.int32))
+    with pytest.raises(ValueError, match="codes must lie"):
+        tok.decode(np.full((2, 3), 16, np.int32))
+    with pytest.raises(ValueError, match="shorter than one hop"):
+        tok.encode(np.zeros(100, np.float32))

@@ -1,0 +1,1 @@
+"""SoundStream audio tokenizer: causal 1D conv codec with residual VQ."""
