@@ -1,0 +1,153 @@
+"""MAGVIT-v2 video tokenizer (causal 3D CNN + LFQ) trained on SoundShapes.
+
+    videolm train --config configs/tokenizer_video.py:tiny --workdir DIR
+    videolm eval  --config configs/tokenizer_video.py:tiny --workdir DIR
+    videolm bench tokenizer --config configs/tokenizer_video.py:bench
+
+Variants (the argument after the colon):
+  tiny         64x64, 17 frames -> 5x16x16 tokens, 2^10 codes; trains on a laptop CPU in minutes.
+  tiny_image   the 2D image stage of ``tiny`` (1-frame videos, 1-frame temporal kernels); train it
+               first and pass its workdir as ``init.image_workdir`` of ``tiny`` to inflate it.
+  paper        VideoPoet's tokenizer: 17x128x128 -> 5x16x16, 128 x (1,2,2,4), 4 residual blocks,
+               2^18 codes, discriminator (2,4,4,4,4).
+  paper_image  the 2D image stage of ``paper``.
+  bench        the speed benchmark's model (32 x (1,2,2,4), 2 residual blocks, 12 bits, batch 2 of
+               17x64x64 clips): no perceptual or GAN term, so one step is encoder + LFQ + decoder.
+"""
+import ml_collections
+
+VARIANTS = ("tiny", "tiny_image", "paper", "paper_image", "bench")
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise ValueError(f"tokenizer_video config: unknown variant {variant!r}; expected one of {VARIANTS}")
+    image = variant.endswith("_image")
+    base = variant.removesuffix("_image")
+
+    config = ml_collections.ConfigDict()
+    config.kind = "tokenizer_video"
+    config.variant = variant
+    config.seed = 0
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Batch over data x fsdp; with fsdp > 1 conv kernels are split along their output channels.
+    config.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("conv_out", "fsdp"),
+        ("conv_in", None),
+        ("norm", None),
+    )
+
+    config.model = ml_collections.ConfigDict(dict(
+        base_channels=16,
+        channel_multipliers=(1, 2, 2),
+        num_res_blocks=(0, 1, 2),           # per level (an int: every level); mid blocks use the last
+        temporal_downsample=(True, True),   # one per downsampler: 17 -> 9 -> 5
+        codebook_bits=10,
+        num_groups=32,
+        temporal_kernel=3,
+        conv_impl="fold_time",              # 'xla3d' | 'fold_time' | 'sum2d' (same math)
+        dtype="float32",                    # compute dtype; 'bfloat16' on accelerators
+    ))
+    config.lfq = ml_collections.ConfigDict(dict(
+        commitment_weight=0.25,
+        entropy_weight=0.1,
+        entropy_start_multiplier=3.0,       # x3 at step 0 ...
+        entropy_anneal_steps=2000,          # ... down to x1 here
+        entropy_temperature=0.01,
+        entropy_bits_per_group=9,           # sub-groups bound memory at 2^9 codes per group
+        diversity_weight=1.0,
+    ))
+    config.loss = ml_collections.ConfigDict(dict(
+        recon_weight=5.0,
+        perceptual_weight=0.1,
+        perceptual_frames=1,                # frames per clip scored by LPIPS-VGG (0: all)
+        gan_weight=0.1,
+        gan_start_step=1500,
+        r1_weight=10.0,
+        r1_every=4,                         # lazy R1: every 4th discriminator step, x4
+        lecam_weight=0.001,
+        lecam_decay=0.999,
+    ))
+    config.discriminator = ml_collections.ConfigDict(dict(
+        base_channels=8,
+        channel_multipliers=(2, 4, 4),
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=2000,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        end_learning_rate_ratio=0.1,        # cosine decay to this fraction of the peak
+        disc_learning_rate=1e-4,
+        b1=0.0,
+        b2=0.99,
+        grad_clip_norm=1.0,
+        ema_decay=0.999,                    # with warm-up: min(decay, (1 + step) / (10 + step))
+        crop_size=32,                       # random spatial crops for training (0: full frames)
+        crop_frames=9,                      # random 1 + 4k frame windows (0: every frame)
+        time_limit_s=0.0,                   # > 0: stop (and checkpoint) after this many seconds
+        log_every=25,
+        checkpoint_every=500,
+        video_every=500,
+        max_to_keep=2,
+    ))
+    config.init = ml_collections.ConfigDict(dict(
+        image_workdir="",                   # a trained *_image run to inflate into this 3D model
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="soundshapes",
+        data_dir="",                        # '' generates SoundShapes on the fly
+        height=64,
+        width=64,
+        num_frames=17,
+        fps=8.0,
+        num_train_examples=20000,
+        batch_size=8,
+        read_threads=2,
+    ))
+    config.eval = ml_collections.ConfigDict(dict(
+        split="validation",
+        num_examples=128,
+        batch_size=8,
+        use_ema=True,
+        lpips=True,
+        fvd=True,
+        first_frame=True,                   # also score first frames encoded alone (images)
+        save_frames=True,                   # PNG grids of a few reconstructions in the workdir
+    ))
+    config.bench = ml_collections.ConfigDict(dict(
+        batch_size=2,
+        steps=3,
+        warmup=1,
+    ))
+
+    if base == "paper":
+        config.model.update(base_channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=(4, 4, 4, 4),
+                            temporal_downsample=(False, True, True), codebook_bits=18)
+        config.discriminator.update(base_channels=128, channel_multipliers=(2, 4, 4, 4, 4))
+        config.loss.update(perceptual_frames=0, gan_start_step=50000)
+        config.lfq.update(entropy_anneal_steps=2000)
+        config.train.update(num_steps=1_000_000, learning_rate=1e-4, warmup_steps=5000,
+                            disc_learning_rate=1e-4, crop_size=0, crop_frames=0, log_every=100,
+                            checkpoint_every=5000, video_every=5000, max_to_keep=3)
+        config.data.update(height=128, width=128, batch_size=256, num_train_examples=1_000_000,
+                           read_threads=16)
+        config.eval.update(num_examples=10000, batch_size=32)
+        config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    elif base == "bench":
+        config.model.update(base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=(2, 2, 2, 2),
+                            temporal_downsample=(False, True, True), codebook_bits=12)
+        config.loss.update(perceptual_weight=0.0, gan_start_step=10**9)
+        config.train.update(crop_size=0, crop_frames=0)
+        config.data.update(batch_size=2)
+
+    if image:
+        # The 2D stage: 1-frame kernels, no temporal downsampling, single frames.
+        config.model.update(temporal_kernel=1,
+                            temporal_downsample=(False,) * (len(config.model.channel_multipliers) - 1))
+        config.data.update(num_frames=1, batch_size=config.data.batch_size * 4)
+        config.train.update(crop_frames=0)
+        config.loss.update(perceptual_frames=0)
+        config.eval.update(fvd=False, first_frame=False)
+    return config
