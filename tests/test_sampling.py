@@ -250,6 +250,15 @@ def test_target_layout_matches_tasks(task):
         np.testing.assert_array_equal(parts["video"], example["image" if task == "t2i" else "video"])
     if "audio" in parts:
         np.testing.assert_array_equal(parts["audio"], example["audio"])
+    # Forcing the known leading frames reproduces the target there (and every special token).
+    video, audio = parts.get("video"), parts.get("audio")
+    forced = layout.forced(VOCAB, video=None if video is None else video[:1],
+                           audio=None if audio is None else audio[:, :2])
+    known = forced >= 0
+    np.testing.assert_array_equal(forced[known], seq.target[known])
+    specials = sum(count == 1 for _, count, _, _ in layout.segments(VOCAB))
+    expected = specials + (0 if video is None else video[:1].size) + (0 if audio is None else audio[:, :2].size)
+    assert known.sum() == expected
     # Any other token at a special position is refused.
     wrong = seq.target.copy()
     wrong[0] = VocabLayout.special("<eos>")

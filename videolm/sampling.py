@@ -124,6 +124,9 @@ class TargetLayout:
     audio_shape: tuple[int, int] | None = None
 
     def __post_init__(self):
+        for name in ("video_shape", "audio_shape"):  # plain int tuples (hashable, comparable)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"TargetLayout.output {self.output!r}: expected one of {OUTPUT_TYPES}")
         if self.output != "audio":
@@ -173,11 +176,33 @@ class TargetLayout:
         hi = np.concatenate([np.full(c, h, np.int32) for _, c, _, h in segs])
         return Constraint(lo, hi)
 
-    def video_offset(self) -> int:
-        """Index of the first video token in the target (after ``<bov_o>``)."""
-        if self.output == "audio":
-            raise ValueError("an audio target has no video tokens")
-        return 1
+    def forced(self, vocab: VocabLayout, *, video=None, audio=None) -> np.ndarray:
+        """int32 [length]: the known leading part of a target, -1 elsewhere (``generate(forced=)``).
+
+        ``video``: codes [k, h, w] of the first k latent frames (continuations: the context
+        frames that the target repeats); ``audio``: codes [levels, f] of each level's first f
+        frames. Every special token of the layout is forced too.
+        """
+        out = np.full(self.length, -1, np.int32)
+        start = 0
+        for name, count, lo, hi in self.segments(vocab):
+            if count == 1 and hi == lo + 1:
+                out[start] = lo
+            elif name == "video" and video is not None:
+                video = np.asarray(video)
+                t, h, w = self.video_shape
+                if video.ndim != 3 or video.shape[1:] != (h, w) or video.shape[0] > t:
+                    raise ValueError(f"forced video: expected codes [k <= {t}, {h}, {w}], got {video.shape}")
+                out[start:start + video.size] = vocab.video_ids(video.reshape(-1))
+            elif name.startswith("audio_level_") and audio is not None:
+                audio = np.asarray(audio)
+                level = int(name[len("audio_level_"):])
+                if audio.ndim != 2 or audio.shape[0] != self.audio_shape[0] or audio.shape[1] > self.audio_shape[1]:
+                    raise ValueError(f"forced audio: expected codes [{self.audio_shape[0]}, f <= "
+                                     f"{self.audio_shape[1]}], got {audio.shape}")
+                out[start:start + audio.shape[1]] = vocab.audio_ids(audio)[level]
+            start += count
+        return out
 
     def split(self, vocab: VocabLayout, tokens) -> dict:
         """Generated target ids [length] -> tokenizer codes: ``video`` [t, h, w], ``audio`` [L, f]."""
@@ -188,7 +213,8 @@ class TargetLayout:
         for name, count, lo, hi in self.segments(vocab):
             piece = tokens[start:start + count]
             if piece.size and (piece.min() < lo or piece.max() >= hi):
-                raise ValueError(f"target positions {start}..{start + count - 1} ({name}) hold ids outside [{lo}, {hi})")
+                raise ValueError(f"target positions {start}..{start + count - 1} ({name}) hold ids outside "
+                                 f"[{lo}, {hi})")
             if name == "video":
                 out["video"] = vocab.to_video_codes(piece).reshape(self.video_shape)
             elif name.startswith("audio_level_"):
@@ -392,7 +418,8 @@ def _forced_array(forced, batch, num_tokens, lo, hi, mask):
         bad |= ~mask[cols, np.clip(values, 0, mask.shape[1] - 1)]
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"generate: forced token {values[i]} at row {rows[i]}, position {cols[i]} is not allowed there")
+        raise ValueError(f"generate: forced token {values[i]} at row {rows[i]}, position {cols[i]} "
+                         "is not allowed there")
     return forced.astype(np.int32)
 
 
@@ -545,9 +572,7 @@ def extend_video(model, video_tokens, *, num_frames: int, vocab: VocabLayout,
             raise ValueError(f"extend_video: encode of the last {context_pixels} frames gave codes {context.shape}; "
                              f"expected {(k, h, w)} (a causal tokenizer with time_factor={time_factor})")
         prefix = future_prefix(vocab, context, options)
-        forced = np.full(layout.length, -1, np.int32)
-        start = layout.video_offset()
-        forced[start:start + context.size] = vocab.video_ids(context.reshape(-1))
+        forced = layout.forced(vocab, video=context)
         chunk_sampling = dataclasses.replace(sampling, seed=(_chunk_seed(sampling.seed, len(chunks)),))
         target = generate(model, [prefix], num_tokens=layout.length, allowed=layout, sampling=chunk_sampling,
                           uncond_prefixes=uncond, vocab=vocab, forced=forced, layer_loop=layer_loop)[0]
