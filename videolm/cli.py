@@ -22,14 +22,25 @@ from typing import Callable
 from videolm import configlib
 
 # config.kind -> "module:function"; functions take (config, workdir).
-TRAINERS: dict[str, str] = {}
+TRAINERS: dict[str, str] = {
+    "tokenizer_video": "tokenizers.magvit.train:train",
+    "audio_tokenizer": "tokenizers.soundstream.train:train",
+    "lm": "videolm.train:train",
+}
 EVALUATORS: dict[str, str] = {
     "soundshapes": "videolm.cli:evaluate_world",
+    "tokenizer_video": "tokenizers.magvit.evaluate:evaluate",
+    "audio_tokenizer": "tokenizers.soundstream.evaluate:evaluate",
+    "lm": "videolm.train:evaluate",
 }
 # benchmark name -> "module:function"; functions take (config or None) and return a dict.
 BENCHMARKS: dict[str, str] = {
     "soundshapes": "videolm.cli:bench_soundshapes",
     "attention": "videolm.kernels.attention.bench:run_bench",
+    "tokenizer": "tokenizers.magvit.bench:bench",
+    "audio_tokenizer": "tokenizers.soundstream.bench:bench",
+    "lm": "videolm.lm_bench:bench",
+    "decode": "videolm.decode_bench:bench",
 }
 
 
