@@ -147,3 +147,17 @@ def test_batches_equal_length_dropout_and_resume():
     resumed.set_state(state)
     for tokens in expected:
         np.testing.assert_array_equal(next(resumed)["tokens"], tokens)
+
+
+def test_validation_batches_and_unigram_baseline():
+    examples = [make_example(i, text_len=3 + i % 3) for i in range(10)]
+    batches = list(mixture.task_batches(examples, "t2v", LAYOUT, batch_size=4))
+    assert len(batches) == 2 and batches[0]["tokens"].shape[0] == 4
+    first = tasks.build("t2v", examples[0], LAYOUT, rng=np.random.default_rng([0, 0]))
+    np.testing.assert_array_equal(batches[0]["tokens"][0, :len(first)], first.tokens)
+    assert batches[0]["segment_ids"][0].sum() == len(first)
+    # targets of one repeated token: the unigram is nearly certain; random video codes: about log(256)
+    constant = [dict(e, video=np.zeros_like(e["video"])) for e in examples]
+    assert mixture.unigram_baseline(constant, constant, "unconditional", LAYOUT) < 0.5
+    spread = mixture.unigram_baseline(examples, examples, "unconditional", LAYOUT)
+    assert 2.0 < spread < np.log(256) + 0.5

@@ -183,3 +183,37 @@ def make_iterator(batches: MixtureBatches, *, start_step: int = 0, read_threads:
     """A checkpointable grain iterator over ``batches[start_step:]``."""
     ds = grain.MapDataset.source(batches)[start_step:]
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def task_batches(examples, task: str, layout: VocabLayout, *, batch_size: int, seed: int = 0,
+                 options: tasks_lib.TaskOptions = tasks_lib.TaskOptions(), max_examples: int | None = None):
+    """Fixed validation batches of one task over ``examples`` (padded, in order, deterministic)."""
+    count = len(examples) if max_examples is None else min(max_examples, len(examples))
+    for start in range(0, count - count % batch_size, batch_size):
+        sequences = [tasks_lib.build(task, examples[i], layout, rng=np.random.default_rng([seed, i]), options=options)
+                     for i in range(start, start + batch_size)]
+        yield pad_batch(sequences, layout.pad_id)
+
+
+def unigram_baseline(train_examples, valid_examples, task: str, layout: VocabLayout, *,
+                     options: tasks_lib.TaskOptions = tasks_lib.TaskOptions(), max_examples: int = 256) -> float:
+    """Cross-entropy (nats per target token) of a unigram model of the task's targets.
+
+    The unigram is fitted on up to ``max_examples`` training targets (add-one smoothed over the ids
+    that occur in any target) and scored on the validation targets: the loss a model reaches by
+    learning token frequencies alone, which a model that reads its prefix must beat.
+    """
+    def targets(examples):
+        count = min(max_examples, len(examples))
+        return np.concatenate([
+            tasks_lib.build(task, examples[i], layout, rng=np.random.default_rng([0, i]), options=options).target
+            for i in range(count)])
+
+    train, valid = targets(train_examples), targets(valid_examples)
+    support = np.union1d(train, valid)
+    counts = np.array([np.sum(train == t) for t in support], np.float64) + 1.0
+    log_p = dict(zip(support.tolist(), np.log(counts / counts.sum()).tolist()))
+    return float(-np.mean([log_p[t] for t in valid.tolist()]))
