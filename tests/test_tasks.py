@@ -156,8 +156,10 @@ def test_validation_batches_and_unigram_baseline():
     first = tasks.build("t2v", examples[0], LAYOUT, rng=np.random.default_rng([0, 0]))
     np.testing.assert_array_equal(batches[0]["tokens"][0, :len(first)], first.tokens)
     assert batches[0]["segment_ids"][0].sum() == len(first)
-    # targets of one repeated token: the unigram is nearly certain; random video codes: about log(256)
+    # constant video codes: targets are <bov_o>, 12 equal codes, <eov_o>, <eos>: entropy of (12, 1, 1, 1)/15
     constant = [dict(e, video=np.zeros_like(e["video"])) for e in examples]
-    assert mixture.unigram_baseline(constant, constant, "unconditional", LAYOUT) < 0.5
+    p = np.array([12, 1, 1, 1]) / 15
+    entropy = float(-(p * np.log(p)).sum())
+    assert mixture.unigram_baseline(constant, constant, "unconditional", LAYOUT) == pytest.approx(entropy, abs=0.02)
     spread = mixture.unigram_baseline(examples, examples, "unconditional", LAYOUT)
     assert 2.0 < spread < np.log(256) + 0.5
