@@ -89,7 +89,9 @@ def get_config(arg=None):
         # 256 special + 256 text + 2^12 video + 4 x 896 audio = 8192 ids, the benchmark row.
         config.vocab.update(text_size=256, video_bits=12, audio_levels=4, audio_codes=896,
                             video_tokenizer_config="", audio_tokenizer_config="")
-        config.model.attention_impl = "xla"
+        # Measured on this CPU: chunked attention skips the masked blocks (~25% less attention time);
+        # saving only matmul outputs ('dots') beats saving everything (fewer stacked residuals).
+        config.model.update(attention_impl="chunked", remat_policy="dots")
         config.data.update(batch_size=8, text_len=32, image_tokens=64, video_frames=5, audio_frames=16)
         config.train.update(learning_rate=3e-4, num_steps=100, warmup_steps=10)
     elif size != "tiny":

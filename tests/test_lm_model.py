@@ -84,6 +84,17 @@ def test_attention_implementations_agree():
     np.testing.assert_allclose(xla, ref, atol=2e-5)
     pallas = run(q, k, v, prefix_len=prefix, segment_ids=seg, impl="pallas")  # interpret mode on CPU
     np.testing.assert_allclose(pallas, ref, atol=2e-5)
+    # Chunked: query blocks of attn.CHUNK over the keys they can see; prefixes that end before,
+    # inside and after the first block, a partial last block, with and without segments.
+    s2 = 2 * attn.CHUNK + 8
+    q2, k2, v2 = (rng.normal(size=(3, s2, h, d)).astype(np.float32) for _ in range(3))
+    k2, v2 = k2[:, :, :kvh], v2[:, :, :kvh]
+    prefix2 = jnp.array([attn.CHUNK - 3, attn.CHUNK + 40, 0])
+    seg2 = jnp.sort(jnp.asarray(rng.integers(1, 4, (3, s2))), axis=1)
+    for segments in (None, seg2):
+        ref2 = run(q2, k2, v2, prefix_len=prefix2, segment_ids=segments, impl="reference")
+        chunked = run(q2, k2, v2, prefix_len=prefix2, segment_ids=segments, impl="chunked")
+        np.testing.assert_allclose(chunked, ref2, atol=2e-5)
     # Brute force (numpy): query 2 of row 0 attends keys 0..3 (prefix 4, same segment); GQA pairs heads.
     kk, vv = np.repeat(k[0, :4], 2, axis=1), np.repeat(v[0, :4], 2, axis=1)
     scores = np.einsum("hd,khd->hk", q[0, 2], kk) / d ** 0.5
@@ -216,3 +227,17 @@ def test_tiny_config_takes_its_vocabulary_from_the_tokenizer_configs():
     assert (layout.audio_levels, layout.audio_codes) == (audio.model.num_levels, audio.model.codebook_size)
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         configlib.load_config("configs/lm.py:huge")
+
+
+def test_kv_cache_decoding_matches_the_full_forward():
+    graphdef, state = nnx.split(make_model(**SMALL))
+    tokens = jax.random.randint(jax.random.key(5), (2, SEQ), 0, 300)
+    prefix = jnp.array([PREFIX, PREFIX])
+    full = jax.jit(lambda t: nnx.merge(graphdef, state)(t, prefix_len=prefix))(tokens)
+    extend = jax.jit(lambda t, cache, start: nnx.merge(graphdef, state).extend(t, cache, start, prefix_len=prefix))
+    cache = nnx.merge(graphdef, state).init_cache(2, SEQ + 3)
+    logits, cache = extend(tokens[:, :PREFIX], cache, 0)  # prefill: bidirectional over the prefix
+    np.testing.assert_allclose(logits, full[:, :PREFIX], rtol=1e-4, atol=1e-5)
+    for t in range(PREFIX, SEQ):
+        logits, cache = extend(tokens[:, t:t + 1], cache, t)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)

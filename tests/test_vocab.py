@@ -119,16 +119,18 @@ def test_sentencepiece_from_captions(tmp_path):
 def test_projected_text_embeddings_fill_the_placeholders():
     placeholder = VocabLayout.special("<text_emb>")
     proj = text_lib.TextEmbeddingProjection(12, 8, rngs=nnx.Rngs(0))
-    tokens = jnp.array([[1, 3, placeholder, placeholder, placeholder, 4, 9],
-                        [1, 3, placeholder, 4, 9, 9, 9]])
-    x = jax.random.normal(jax.random.key(0), (2, 7, 8))
-    emb = jax.random.normal(jax.random.key(1), (2, 3, 12))
-    out = proj(x, tokens, emb, placeholder)
-    projected = jnp.einsum("bnt,td->bnd", emb, proj.kernel[...])
+    tokens = np.array([[1, 3, placeholder, placeholder, placeholder, 4, 9],
+                       [1, 3, placeholder, 4, 9, 9, 9]])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 8)).astype(np.float32)
+    emb = rng.normal(size=(2, 3, 12)).astype(np.float32)
+    graphdef, state = nnx.split(proj)
+    out = np.asarray(jax.jit(lambda x, e: nnx.merge(graphdef, state)(x, tokens, e, placeholder))(x, emb))
+    projected = np.einsum("bnt,td->bnd", emb, np.asarray(proj.kernel[...]))
     np.testing.assert_allclose(out[0, 2:5], projected[0], rtol=1e-6)
     np.testing.assert_allclose(out[1, 2], projected[1, 0], rtol=1e-6)
     keep = tokens != placeholder
     np.testing.assert_array_equal(out[keep], x[keep])
     with pytest.raises(ValueError, match="at most 64"):
-        proj(x, tokens, jnp.zeros((2, 65, 12)), placeholder)
+        proj(x, tokens, np.zeros((2, 65, 12), np.float32), placeholder)
     np.testing.assert_array_equal(text_lib.embedding_placeholders(3), [placeholder] * 3)

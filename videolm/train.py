@@ -211,8 +211,19 @@ def make_eval_step(graphdef, state_shardings, batch_example, layout, train_confi
                    out_shardings=replicated)
 
 
+def reportable(metrics: dict) -> dict:
+    """Floats to log: token counts dropped, and the metrics of modalities absent from the targets."""
+    out = {}
+    for key, value in metrics.items():
+        modality = key.split("_")[0]
+        if key.endswith("tokens") or (modality in vocab_lib.MODALITY_NAMES and metrics[f"{modality}_tokens"] == 0):
+            continue
+        out[key] = float(value)
+    return out
+
+
 def run_eval(eval_step, state, config, layout, mesh, rules) -> dict:
-    """Token-weighted mean of the metrics over the validation examples."""
+    """Metrics over ``eval.num_batches`` validation batches, each weighted by its token count."""
     source = make_source(config, layout, "validation")
     batches = make_data_iterator(source, batch_size=config.eval.batch_size, seed=config.seed, train=False)
     sums, counts = {}, {}
@@ -220,14 +231,12 @@ def run_eval(eval_step, state, config, layout, mesh, rules) -> dict:
         if i >= config.eval.num_batches:
             break
         metrics = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh, rules)))
-        for key, value in metrics.items():
-            if key.endswith("tokens"):
-                continue
-            count_key = key.split("_")[0] + "_tokens" if key.split("_")[0] in vocab_lib.MODALITY_NAMES else "tokens"
-            n = float(metrics[count_key])
-            sums[key] = sums.get(key, 0.0) + float(value) * n
+        for key, value in reportable(metrics).items():
+            modality = key.split("_")[0]
+            n = float(metrics[f"{modality}_tokens" if modality in vocab_lib.MODALITY_NAMES else "tokens"])
+            sums[key] = sums.get(key, 0.0) + value * n
             counts[key] = counts.get(key, 0.0) + n
-    return {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
+    return {k: sums[k] / counts[k] for k in sums}
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -307,26 +316,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     log.print(f"lm: {counts['params']:,} params ({counts['params_nonembedding']:,} non-embedding), vocab "
               f"{layout.size} -> {model_kwargs(config, layout)['vocab_size']}, seq {seq_len}, mesh {dict(mesh.shape)}, "
               f"start step {step}")
-    metrics, batch, last_time, last_step = {}, first, time.perf_counter(), step
+    metrics, batch = {}, first
+    last = tc.num_steps if stop_at_step is None else min(stop_at_step, tc.num_steps)
+    timer_start, timer_step = time.perf_counter(), step
     with parallel.use_mesh(mesh, rules):
-        last = tc.num_steps if stop_at_step is None else min(stop_at_step, tc.num_steps)
         while step < last:
             state, metrics = train_step(state, parallel.shard_batch(batch, mesh, rules))
             step += 1
             log.advance()
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - last_time
-                tokens_per_s = (step - last_step) * batch["tokens"].shape[0] * seq_len * jax.process_count() / elapsed
-                metrics.update(step_seconds=elapsed / (step - last_step), tokens_per_s=tokens_per_s,
+            if step % tc.log_every == 0 or step == last:
+                metrics = reportable(jax.device_get(metrics))  # waits for the step: times are exact
+                seconds = (time.perf_counter() - timer_start) / (step - timer_step)
+                tokens_per_s = batch["tokens"].shape[0] * jax.process_count() * seq_len / seconds
+                metrics.update(step_seconds=seconds, tokens_per_s=tokens_per_s,
                                mfu=tokens_per_s * flops_per_token / 1e9 / peak)
-                log.scalars(step, {k: v for k, v in metrics.items() if not k.endswith("_tokens")})
-                last_time, last_step = time.perf_counter(), step
-            if step % tc.eval_every == 0 or step == tc.num_steps:
+                log.scalars(step, metrics)
+                timer_start, timer_step = time.perf_counter(), step
+            if step % tc.eval_every == 0 or step == last:
                 log.scalars(step, run_eval(eval_step, state, config, layout, mesh, rules), prefix="eval")
+                timer_start = time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == last:
                 ckpt.save(step, nnx.to_pure_dict(state), data_iterator=data_iter,
                           metadata={"vocab": layout.to_dict(), "config": configlib.config_to_dict(config)})
+                timer_start = time.perf_counter()
             if step < last:
                 batch = next(data_iter)
     ckpt.close()

@@ -4,6 +4,9 @@
 (see ``videolm/model/masks.py`` for the mask) with one of several implementations that must agree:
 
 * ``'xla'``: ``jax.nn.dot_product_attention`` with a boolean mask built from the compact metadata;
+* ``'chunked'``: the same per block of ``CHUNK`` queries, each over only the keys it can see
+  (the causal extent, or all keys when a row's prefix reaches past it): skips the masked upper
+  triangle, about 40% of the work at VideoPoet's shapes; the fastest on CPU;
 * ``'reference'``: dense einsum softmax in f32 at highest precision (the ground truth in tests);
 * ``'cudnn'``: ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU only);
 * ``'pallas'``: the flash-attention kernel of ``videolm.kernels.attention`` (imported when used),
@@ -15,13 +18,16 @@ prefix_len int [B] or None (plain causal); segment_ids int [B, S] or None.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax.core import spmd as core_spmd
 
 from videolm.model import masks
 
-IMPLEMENTATIONS = ("xla", "reference", "cudnn", "pallas", "auto")
+IMPLEMENTATIONS = ("xla", "chunked", "reference", "cudnn", "pallas", "auto")
+CHUNK = 128  # query block of the 'chunked' implementation
 
 
 def resolve_impl(impl: str) -> str:
@@ -62,6 +68,38 @@ def _dot_product_attention(q, k, v, prefix_len, segment_ids, implementation):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def _chunked_attention(q, k, v, prefix_len, segment_ids, chunk: int = CHUNK):
+    """Query blocks [start, stop) of ``chunk`` rows attend keys [0, stop): all they can see unless
+    a prefix reaches past the block, in which case (decided at run time by ``lax.cond``) the block
+    attends every key. Exact for any prefix lengths and segment ids."""
+    b, s = q.shape[:2]
+    if s <= chunk:
+        return _dot_product_attention(q, k, v, prefix_len, segment_ids, "xla")
+    longest_prefix = jnp.zeros((), jnp.int32) if prefix_len is None else jnp.max(prefix_len)
+    outputs = []
+    for start in range(0, s, chunk):
+        stop = min(start + chunk, s)
+
+        def block(num_keys, start=start, stop=stop):
+            i = jnp.arange(start, stop)[:, None]
+            j = jnp.arange(num_keys)[None, :]
+            mask = (j <= i)[None]
+            if prefix_len is not None:
+                mask = mask | (j[None] < prefix_len[:, None, None])
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, start:stop, None] == segment_ids[:, None, :num_keys])
+            mask = jnp.broadcast_to(mask, (b, stop - start, num_keys))[:, None]
+            return jax.nn.dot_product_attention(q[:, start:stop], k[:, :num_keys], v[:, :num_keys],
+                                                mask=mask, implementation="xla")
+
+        if stop == s:
+            outputs.append(block(s))
+        else:
+            outputs.append(jax.lax.cond(longest_prefix > stop, functools.partial(block, s),
+                                        functools.partial(block, stop)))
+    return jnp.concatenate(outputs, axis=1)
+
+
 def _pallas_attention(q, k, v, prefix_len, segment_ids):
     try:
         from videolm.kernels.attention import flash_attention, sharded_flash_attention
@@ -86,6 +124,24 @@ def attention(q, k, v, *, prefix_len=None, segment_ids=None, impl: str = "xla"):
         prefix_len = jnp.asarray(prefix_len, jnp.int32)
     if impl == "reference":
         return reference_attention(q, k, v, prefix_len=prefix_len, segment_ids=segment_ids)
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, prefix_len, segment_ids)
     if impl in ("xla", "cudnn"):
         return _dot_product_attention(q, k, v, prefix_len, segment_ids, impl)
     return _pallas_attention(q, k, v, prefix_len, segment_ids)
+
+
+def cached_attention(q, k_cache, v_cache, *, start, prefix_len=None):
+    """Queries at positions [start, start + T) against a KV cache [B, M, KVH, D] (decoding).
+
+    Key j is visible from query i iff ``j <= i`` or ``j < prefix_len`` (the prefix-LM mask);
+    cache slots past ``start + T`` are never visible. q: [B, T, H, D].
+    """
+    b, t = q.shape[:2]
+    i = start + jnp.arange(t)[:, None]
+    j = jnp.arange(k_cache.shape[1])[None, :]
+    mask = (j <= i)[None]
+    if prefix_len is not None:
+        mask = mask | ((j[None] < jnp.asarray(prefix_len, jnp.int32)[:, None, None]) & (j < start + t)[None])
+    mask = jnp.broadcast_to(mask, (b, t, k_cache.shape[1]))[:, None]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from videolm.model.attention import attention, resolve_impl
+from videolm.model.attention import attention, cached_attention, resolve_impl
 from videolm.parallel import constrain
 from videolm.text import TextEmbeddingProjection
 from videolm.vocab import VocabLayout
@@ -90,27 +90,44 @@ class Block(nnx.Module):
         self.dtype = dtype
         self.attention_impl = attention_impl
 
-    def __call__(self, x, rope, prefix_len, segment_ids):
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+    def _cast(self, param):
+        return param[...].astype(self.dtype)
+
+    def _qkv(self, x, rope):
+        """q [B, T, H, Dh], k, v [B, T, KVH, Dh] of the normed input, rotated to their positions."""
         h = self.attn_norm(x)
-        q = jnp.einsum("bsd,dhk->bshk", h, cast(self.wq))
-        k = jnp.einsum("bsd,dhk->bshk", h, cast(self.wk))
-        v = jnp.einsum("bsd,dhk->bshk", h, cast(self.wv))
+        q = jnp.einsum("bsd,dhk->bshk", h, self._cast(self.wq))
+        k = jnp.einsum("bsd,dhk->bshk", h, self._cast(self.wk))
+        v = jnp.einsum("bsd,dhk->bshk", h, self._cast(self.wv))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(checkpoint_name(q, "qkv"), ("batch", "length", "act_heads", None))
         k = constrain(checkpoint_name(k, "qkv"), ("batch", "length", "act_kv_heads", None))
         v = constrain(checkpoint_name(v, "qkv"), ("batch", "length", "act_kv_heads", None))
-        o = attention(q, k, v, prefix_len=prefix_len, segment_ids=segment_ids, impl=self.attention_impl)
-        o = checkpoint_name(o, "attn_out")
-        x = x + constrain(jnp.einsum("bshk,hkd->bsd", o, cast(self.wo)), ("batch", "length", "act_embed"))
+        return q, k, v
 
+    def _residuals(self, x, o):
+        """x + Wo(o), then the SwiGLU MLP branch."""
+        o = checkpoint_name(o, "attn_out")
+        x = x + constrain(jnp.einsum("bshk,hkd->bsd", o, self._cast(self.wo)), ("batch", "length", "act_embed"))
         h = self.mlp_norm(x)
-        gate_up = constrain(jnp.einsum("bsd,dcf->bscf", h, cast(self.wi)), ("batch", "length", None, "act_mlp"))
+        gate_up = constrain(jnp.einsum("bsd,dcf->bscf", h, self._cast(self.wi)), ("batch", "length", None, "act_mlp"))
         hidden = checkpoint_name(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], "mlp_hidden")
-        x = x + constrain(jnp.einsum("bsf,fd->bsd", hidden, cast(self.wo_mlp)), ("batch", "length", "act_embed"))
-        return x
+        return x + constrain(jnp.einsum("bsf,fd->bsd", hidden, self._cast(self.wo_mlp)), ("batch", "length", "act_embed"))
+
+    def __call__(self, x, rope, prefix_len, segment_ids):
+        q, k, v = self._qkv(x, rope)
+        o = attention(q, k, v, prefix_len=prefix_len, segment_ids=segment_ids, impl=self.attention_impl)
+        return self._residuals(x, o)
+
+    def extend(self, x, rope, cache_k, cache_v, start, prefix_len):
+        """New positions [start, start + T) against a KV cache [B, M, KVH, Dh]; returns (x, k, v)."""
+        q, k, v = self._qkv(x, rope)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
+        o = cached_attention(q, cache_k, cache_v, start=start, prefix_len=prefix_len)
+        return self._residuals(x, o), cache_k, cache_v
 
 
 class PrefixLM(nnx.Module):
@@ -150,6 +167,7 @@ class PrefixLM(nnx.Module):
         self.text_projection = (TextEmbeddingProjection(text_embed_dim, width, param_dtype=param_dtype, rngs=rngs)
                                 if text_embed_dim else None)
         self.vocab_size, self.width, self.depth, self.head_dim = vocab_size, width, depth, head_dim
+        self.num_kv_heads = num_kv_heads
         self.rope_base, self.dtype = rope_base, dtype
         self.remat_policy, self.scan_layers = remat_policy, scan_layers
 
@@ -184,6 +202,30 @@ class PrefixLM(nnx.Module):
             for i in range(self.depth):
                 x, _ = layer(x, jax.tree.map(lambda p: p[i], self.blocks))
         return self.final_norm(x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """An empty KV cache for ``max_len`` positions: k, v [layers, B, max_len, KVH, Dh]."""
+        shape = (self.depth, batch_size, max_len, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def extend(self, tokens, cache: dict, start, *, prefix_len=None, text_embeddings=None):
+        """Runs tokens [B, T] at positions [start, start + T) against ``cache``; (logits, cache).
+
+        Prefill: the whole prefix with ``start=0`` (it attends bidirectionally, as in training);
+        decoding: one token at a time with ``start`` = the number of positions already cached.
+        Logits equal the full forward pass's at those positions. ``start`` is shared by the batch.
+        """
+        x = self.embed(tokens, text_embeddings)
+        positions = start + jnp.arange(tokens.shape[1])[None]
+        rope = rope_tables(positions, self.head_dim, self.rope_base)
+
+        def layer(x, inputs):
+            block, cache_k, cache_v = inputs
+            x, cache_k, cache_v = block.extend(x, rope, cache_k, cache_v, start, prefix_len)
+            return x, (cache_k, cache_v)
+
+        x, (cache_k, cache_v) = jax.lax.scan(layer, x, (self.blocks, cache["k"], cache["v"]))
+        return self.logits(self.final_norm(x)), {"k": cache_k, "v": cache_v}
 
     def logits(self, hidden):
         return jnp.einsum("bsd,dv->bsv", hidden, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
