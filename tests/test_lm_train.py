@@ -96,6 +96,11 @@ def test_synthetic_sequences_have_the_videopoet_layout():
     for f in range(3):
         np.testing.assert_array_equal(video[f], np.roll(image, f * shift))
     np.testing.assert_array_equal(source[7]["tokens"], tokens)  # deterministic
+    # The paper's text route: placeholders in the sequence, the pieces' embeddings beside it.
+    embedded = SyntheticSequences(layout, num_examples=10, text_len=3, image_tokens=4, video_frames=3,
+                                  audio_frames=2, image_codes=8, text_embed_dim=5)[7]
+    assert np.all(embedded["tokens"][3:6] == sp("<text_emb>")) and embedded["text_embeddings"].shape == (3, 5)
+    np.testing.assert_array_equal(np.delete(embedded["tokens"], [3, 4, 5]), np.delete(tokens, [3, 4, 5]))
     assert not np.array_equal(source[8]["tokens"], tokens)
     with pytest.raises(IndexError):
         source[10]

@@ -63,10 +63,15 @@ class SyntheticSequences:
     chosen by the first text piece; the audio is level by level, each level one code set by the
     second text piece. A model that learns to copy with the right shift predicts the outputs
     exactly; the unigram baseline does not.
+
+    With ``text_embed_dim > 0`` the text comes as precomputed embeddings instead (the paper's
+    T5 route): the text positions hold ``<text_emb>`` placeholders and ``text_embeddings``
+    [text_len, text_embed_dim] are the pieces' rows of a fixed random table.
     """
 
     def __init__(self, layout: vocab_lib.VocabLayout, *, num_examples: int, text_len: int, image_tokens: int,
-                 video_frames: int, audio_frames: int, image_codes: int, seed: int = 0, split: str = "train"):
+                 video_frames: int, audio_frames: int, image_codes: int, seed: int = 0, split: str = "train",
+                 text_embed_dim: int = 0):
         if layout.text_size < 3 or layout.video_size < image_codes or layout.audio_levels < 1:
             raise ValueError(f"synthetic data needs text_size >= 3, 2**video_bits >= image_codes={image_codes} "
                              f"and audio levels; got {layout}")
@@ -76,6 +81,8 @@ class SyntheticSequences:
         self.text_len, self.image_tokens, self.video_frames = text_len, image_tokens, video_frames
         self.audio_frames, self.image_codes = audio_frames, image_codes
         self.split_id = {"train": 0, "validation": 1, "test": 2}[split]
+        self.text_table = (np.random.default_rng([seed, 99]).normal(size=(layout.text_size, text_embed_dim))
+                           .astype(np.float32) if text_embed_dim else None)
         self.prefix_len = text_len + image_tokens + 7
         self.length = (self.prefix_len + 1 + video_frames * image_tokens + 1
                        + 1 + layout.audio_levels * audio_frames + 1 + 1)
@@ -102,7 +109,11 @@ class SyntheticSequences:
             [sp("<boa_o>")], layout.audio_ids(audio).reshape(-1), [sp("<eoa_o>"), sp("<eos>")],
         ]).astype(np.int32)
         assert tokens.shape == (self.length,)
-        return {"tokens": tokens, "prefix_len": np.int32(self.prefix_len)}
+        example = {"tokens": tokens, "prefix_len": np.int32(self.prefix_len)}
+        if self.text_table is not None:
+            tokens[3:3 + self.text_len] = sp("<text_emb>")
+            example["text_embeddings"] = self.text_table[text]
+        return example
 
 
 def make_source(config, layout, split: str):
@@ -112,7 +123,8 @@ def make_source(config, layout, split: str):
     num = data.num_examples if split == "train" else data.eval_examples
     return SyntheticSequences(layout, num_examples=num, text_len=data.text_len, image_tokens=data.image_tokens,
                               video_frames=data.video_frames, audio_frames=data.audio_frames,
-                              image_codes=data.image_codes, seed=config.seed, split=split)
+                              image_codes=data.image_codes, seed=config.seed, split=split,
+                              text_embed_dim=config.model.text_embed_dim)
 
 
 def make_data_iterator(source, *, batch_size: int, seed: int, train: bool):
