@@ -2,9 +2,11 @@
 
 ``multiscale_mel_loss`` compares mel spectrograms at several window sizes (64 ... 2048 samples,
 hop = window / 4): an L1 term on mel magnitudes plus an L1 term on their log. The log term uses a
-*relative floor*: both spectrograms are clamped from below at ``floor_db`` (about -40 dB) under the
-loudest mel bin of the *original* clip at that scale, so quiet background noise cannot outweigh a
-wrong pitch and silence is not scored in the noise of float precision.
+*relative floor*: ``floor`` is ``floor_db`` (about -40 dB) under the loudest mel bin of the
+*original* clip at that scale and both spectrograms are compared as ``log(M + floor)``, so quiet
+background noise far under the floor cannot outweigh a wrong pitch, and silence is not scored in
+the noise of float precision. (Adding the floor rather than clamping at it keeps a gradient where
+the reconstruction is still silent.)
 
 ``spectral_distance_db`` is the matching metric: the mean absolute difference in dB between the
 floored log-mel spectrograms, averaged over the scales.
@@ -64,10 +66,11 @@ def mel_spectrogram(x: jax.Array, sample_rate: int, n_fft: int, num_mels: int) -
 
 
 def _floored_log(reference: jax.Array, *others: jax.Array, floor_db: float):
-    """log10 of each spectrogram clamped at ``floor_db`` below each clip's reference maximum."""
+    """``log10(M + floor)`` of each spectrogram, ``floor`` at ``floor_db`` under each clip's
+    reference maximum."""
     peak = jnp.max(jax.lax.stop_gradient(reference), axis=(1, 2), keepdims=True)
     floor = jnp.maximum(peak * 10.0 ** (floor_db / 20.0), 1e-8)
-    return [jnp.log10(jnp.maximum(s, floor)) for s in (reference,) + others]
+    return [jnp.log10(s + floor) for s in (reference,) + others]
 
 
 def _check_pair(original, reconstruction):
@@ -79,8 +82,8 @@ def _check_pair(original, reconstruction):
 def multiscale_mel_loss(original: jax.Array, reconstruction: jax.Array, *, sample_rate: int,
                         scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), num_mels: int = 64,
                         floor_db: float = -40.0, log_weight: float = 1.0) -> jax.Array:
-    """Mean over scales of ``mean|M - M_hat| + log_weight * mean|log10 M_f - log10 M_hat_f|``,
-    with ``M_f`` floored relative to the original's maximum (see the module docstring)."""
+    """Mean over scales of ``mean|M - M_hat| + log_weight * mean|log10(M + f) - log10(M_hat + f)|``
+    with ``f`` the floor relative to the original's maximum (see the module docstring)."""
     _check_pair(original, reconstruction)
     total = jnp.float32(0.0)
     for n_fft in scales:
