@@ -82,13 +82,6 @@ def test_cached_logits_equal_full_forward(model, prompts, layer_loop):
     assert np.abs(np.asarray(cached[0]) - np.asarray(cached[1])).max() > 0.1  # different rows differ
 
 
-def test_cache_layouts_agree_on_tokens(model, prompts):
-    greedy = sampling.SamplingConfig(temperature=0.0)
-    scan = sampling.generate(model, prompts, num_tokens=N, sampling=greedy, vocab=VOCAB, layer_loop="scan")
-    unrolled = sampling.generate(model, prompts, num_tokens=N, sampling=greedy, vocab=VOCAB, layer_loop="unrolled")
-    np.testing.assert_array_equal(scan, unrolled)
-
-
 # ------------------------------------------------------------------------ cached == uncached tokens
 
 GREEDY = sampling.SamplingConfig(temperature=0.0)
@@ -111,6 +104,13 @@ def test_cached_decode_equals_uncached(decoded, name):
     cached, uncached = decoded[name, True], decoded[name, False]
     assert cached.shape == (2, N) and cached.dtype == np.int32
     np.testing.assert_array_equal(cached, uncached)
+
+
+def test_cache_layouts_agree_on_tokens(model, prompts, decoded):
+    scan = sampling.generate(model, prompts, num_tokens=N, sampling=GREEDY, vocab=VOCAB, layer_loop="scan")
+    unrolled = sampling.generate(model, prompts, num_tokens=N, sampling=GREEDY, vocab=VOCAB, layer_loop="unrolled")
+    np.testing.assert_array_equal(scan, unrolled)
+    np.testing.assert_array_equal(unrolled, decoded["greedy", True])
 
 
 def test_greedy_is_argmax_and_sampling_differs(decoded, forced_logits, prompts):
