@@ -228,16 +228,3 @@ def test_tiny_config_takes_its_vocabulary_from_the_tokenizer_configs():
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         configlib.load_config("configs/lm.py:huge")
 
-
-def test_kv_cache_decoding_matches_the_full_forward():
-    graphdef, state = nnx.split(make_model(**SMALL))
-    tokens = jax.random.randint(jax.random.key(5), (2, SEQ), 0, 300)
-    prefix = jnp.array([PREFIX, PREFIX])
-    full = jax.jit(lambda t: nnx.merge(graphdef, state)(t, prefix_len=prefix))(tokens)
-    extend = jax.jit(lambda t, cache, start: nnx.merge(graphdef, state).extend(t, cache, start, prefix_len=prefix))
-    cache = nnx.merge(graphdef, state).init_cache(2, SEQ + 3)
-    logits, cache = extend(tokens[:, :PREFIX], cache, 0)  # prefill: bidirectional over the prefix
-    np.testing.assert_allclose(logits, full[:, :PREFIX], rtol=1e-4, atol=1e-5)
-    for t in range(PREFIX, SEQ):
-        logits, cache = extend(tokens[:, t:t + 1], cache, t)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)

@@ -130,18 +130,3 @@ def attention(q, k, v, *, prefix_len=None, segment_ids=None, impl: str = "xla"):
         return _dot_product_attention(q, k, v, prefix_len, segment_ids, impl)
     return _pallas_attention(q, k, v, prefix_len, segment_ids)
 
-
-def cached_attention(q, k_cache, v_cache, *, start, prefix_len=None):
-    """Queries at positions [start, start + T) against a KV cache [B, M, KVH, D] (decoding).
-
-    Key j is visible from query i iff ``j <= i`` or ``j < prefix_len`` (the prefix-LM mask);
-    cache slots past ``start + T`` are never visible. q: [B, T, H, D].
-    """
-    b, t = q.shape[:2]
-    i = start + jnp.arange(t)[:, None]
-    j = jnp.arange(k_cache.shape[1])[None, :]
-    mask = (j <= i)[None]
-    if prefix_len is not None:
-        mask = mask | ((j[None] < jnp.asarray(prefix_len, jnp.int32)[:, None, None]) & (j < start + t)[None])
-    mask = jnp.broadcast_to(mask, (b, t, k_cache.shape[1]))[:, None]
-    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")

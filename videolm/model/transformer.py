@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from videolm.model.attention import attention, cached_attention, resolve_impl
+from videolm.model.attention import attention, resolve_impl
 from videolm.parallel import constrain
 from videolm.text import TextEmbeddingProjection
 from videolm.vocab import VocabLayout
@@ -93,8 +93,11 @@ class Block(nnx.Module):
     def _cast(self, param):
         return param[...].astype(self.dtype)
 
-    def _qkv(self, x, rope):
-        """q [B, T, H, Dh], k, v [B, T, KVH, Dh] of the normed input, rotated to their positions."""
+    def qkv(self, x, rope):
+        """q [B, T, H, Dh], k, v [B, T, KVH, Dh] of the normed input, rotated to their positions.
+
+        ``qkv`` and ``residual`` are the block's two halves around attention, so that a cached
+        decoder can run the same math with its own attention."""
         h = self.attn_norm(x)
         q = jnp.einsum("bsd,dhk->bshk", h, self._cast(self.wq))
         k = jnp.einsum("bsd,dhk->bshk", h, self._cast(self.wk))
@@ -107,8 +110,8 @@ class Block(nnx.Module):
         v = constrain(checkpoint_name(v, "qkv"), ("batch", "length", "act_kv_heads", None))
         return q, k, v
 
-    def _residuals(self, x, o):
-        """x + Wo(o), then the SwiGLU MLP branch."""
+    def residual(self, x, o):
+        """x + Wo(o) for the attention output o [B, T, H, Dh], then + the SwiGLU MLP branch."""
         o = checkpoint_name(o, "attn_out")
         x = x + constrain(jnp.einsum("bshk,hkd->bsd", o, self._cast(self.wo)), ("batch", "length", "act_embed"))
         h = self.mlp_norm(x)
@@ -117,17 +120,9 @@ class Block(nnx.Module):
         return x + constrain(jnp.einsum("bsf,fd->bsd", hidden, self._cast(self.wo_mlp)), ("batch", "length", "act_embed"))
 
     def __call__(self, x, rope, prefix_len, segment_ids):
-        q, k, v = self._qkv(x, rope)
+        q, k, v = self.qkv(x, rope)
         o = attention(q, k, v, prefix_len=prefix_len, segment_ids=segment_ids, impl=self.attention_impl)
-        return self._residuals(x, o)
-
-    def extend(self, x, rope, cache_k, cache_v, start, prefix_len):
-        """New positions [start, start + T) against a KV cache [B, M, KVH, Dh]; returns (x, k, v)."""
-        q, k, v = self._qkv(x, rope)
-        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
-        o = cached_attention(q, cache_k, cache_v, start=start, prefix_len=prefix_len)
-        return self._residuals(x, o), cache_k, cache_v
+        return self.residual(x, o)
 
 
 class PrefixLM(nnx.Module):
@@ -167,7 +162,6 @@ class PrefixLM(nnx.Module):
         self.text_projection = (TextEmbeddingProjection(text_embed_dim, width, param_dtype=param_dtype, rngs=rngs)
                                 if text_embed_dim else None)
         self.vocab_size, self.width, self.depth, self.head_dim = vocab_size, width, depth, head_dim
-        self.num_kv_heads = num_kv_heads
         self.rope_base, self.dtype = rope_base, dtype
         self.remat_policy, self.scan_layers = remat_policy, scan_layers
 
@@ -202,30 +196,6 @@ class PrefixLM(nnx.Module):
             for i in range(self.depth):
                 x, _ = layer(x, jax.tree.map(lambda p: p[i], self.blocks))
         return self.final_norm(x)
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """An empty KV cache for ``max_len`` positions: k, v [layers, B, max_len, KVH, Dh]."""
-        shape = (self.depth, batch_size, max_len, self.num_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-
-    def extend(self, tokens, cache: dict, start, *, prefix_len=None, text_embeddings=None):
-        """Runs tokens [B, T] at positions [start, start + T) against ``cache``; (logits, cache).
-
-        Prefill: the whole prefix with ``start=0`` (it attends bidirectionally, as in training);
-        decoding: one token at a time with ``start`` = the number of positions already cached.
-        Logits equal the full forward pass's at those positions. ``start`` is shared by the batch.
-        """
-        x = self.embed(tokens, text_embeddings)
-        positions = start + jnp.arange(tokens.shape[1])[None]
-        rope = rope_tables(positions, self.head_dim, self.rope_base)
-
-        def layer(x, inputs):
-            block, cache_k, cache_v = inputs
-            x, cache_k, cache_v = block.extend(x, rope, cache_k, cache_v, start, prefix_len)
-            return x, (cache_k, cache_v)
-
-        x, (cache_k, cache_v) = jax.lax.scan(layer, x, (self.blocks, cache["k"], cache["v"]))
-        return self.logits(self.final_norm(x)), {"k": cache_k, "v": cache_v}
 
     def logits(self, hidden):
         return jnp.einsum("bsd,dv->bsv", hidden, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
