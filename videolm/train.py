@@ -14,6 +14,7 @@ VideoPoet's layout that have structure to learn (see its docstring).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 
@@ -116,22 +117,43 @@ class SyntheticSequences:
         return example
 
 
-def make_source(config, layout, split: str):
+DATASETS = ("synthetic",)
+
+
+def _synthetic(config, layout, split: str) -> SyntheticSequences:
     data = config.data
-    if data.dataset != "synthetic":
-        raise ValueError(f"data.dataset {data.dataset!r} is not available to the LM yet; known: synthetic")
-    num = data.num_examples if split == "train" else data.eval_examples
-    return SyntheticSequences(layout, num_examples=num, text_len=data.text_len, image_tokens=data.image_tokens,
+    return SyntheticSequences(layout, num_examples=data.num_examples if split == "train" else data.eval_examples,
+                              text_len=data.text_len, image_tokens=data.image_tokens,
                               video_frames=data.video_frames, audio_frames=data.audio_frames,
                               image_codes=data.image_codes, seed=config.seed, split=split,
                               text_embed_dim=config.model.text_embed_dim)
 
 
-def make_data_iterator(source, *, batch_size: int, seed: int, train: bool):
+def _check_dataset(config):
+    if config.data.dataset not in DATASETS:
+        raise ValueError(f"data.dataset {config.data.dataset!r} is not available to the LM; known: "
+                         f"{', '.join(DATASETS)}")
+
+
+def train_batches(config, layout):
+    """The checkpointable grain iterator of training batches (this process's rows).
+
+    A batch: ``tokens`` int [b, S + 1], ``prefix_len`` int [b], optionally ``segment_ids``
+    [b, S + 1] (0 = padding), ``positions`` and ``text_embeddings``; other keys are ignored.
+    """
     from videolm.data.pipeline import make_iterator
-    per_process = batch_size // jax.process_count()
-    return make_iterator(source, batch_size=per_process, seed=seed, shuffle=train,
-                         num_epochs=None if train else 1, drop_remainder=True)
+    _check_dataset(config)
+    return make_iterator(_synthetic(config, layout, "train"), batch_size=config.data.batch_size // jax.process_count(),
+                         seed=config.seed, shuffle=True)
+
+
+def eval_batches(config, layout):
+    """The validation batches (``eval.num_batches`` of them, the same ones at every evaluation)."""
+    from videolm.data.pipeline import make_iterator
+    _check_dataset(config)
+    batches = make_iterator(_synthetic(config, layout, "validation"), seed=config.seed, shuffle=False, num_epochs=1,
+                            batch_size=config.eval.batch_size // jax.process_count())
+    return itertools.islice(batches, config.eval.num_batches)
 
 
 # ----------------------------------------------------------------------------------- model + optimizer
@@ -236,12 +258,8 @@ def reportable(metrics: dict) -> dict:
 
 def run_eval(eval_step, state, config, layout, mesh, rules) -> dict:
     """Metrics over ``eval.num_batches`` validation batches, each weighted by its token count."""
-    source = make_source(config, layout, "validation")
-    batches = make_data_iterator(source, batch_size=config.eval.batch_size, seed=config.seed, train=False)
     sums, counts = {}, {}
-    for i, batch in enumerate(batches):
-        if i >= config.eval.num_batches:
-            break
+    for batch in eval_batches(config, layout):
         metrics = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh, rules)))
         for key, value in reportable(metrics).items():
             modality = key.split("_")[0]
@@ -302,8 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     configlib.save_config(config, os.path.join(workdir, "config.json"))
     layout.save(os.path.join(workdir, "vocab.json"))
 
-    source = make_source(config, layout, "train")
-    data_iter = make_data_iterator(source, batch_size=config.data.batch_size, seed=config.seed, train=True)
+    data_iter = train_batches(config, layout)
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     with parallel.use_mesh(mesh, rules):
@@ -366,8 +383,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise checkpoint.CheckpointError(f"no checkpoint to evaluate in {workdir}")
     with parallel.use_mesh(mesh, rules):
         state, step = restore_state(ckpt, abstract, layout)
-        source = make_source(config, layout, "validation")
-        example = next(make_data_iterator(source, batch_size=config.eval.batch_size, seed=config.seed, train=False))
+        example = next(iter(eval_batches(config, layout)))
         state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
         eval_step = make_eval_step(graphdef, state_shardings, example, layout, config.train, mesh, rules)
         result = run_eval(eval_step, state, config, layout, mesh, rules)
