@@ -104,3 +104,10 @@ def test_synthetic_sequences_have_the_videopoet_layout():
     assert not np.array_equal(source[8]["tokens"], tokens)
     with pytest.raises(IndexError):
         source[10]
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="data.batch_size=6 must be divisible by the 8 data-parallel shards"):
+        train(_config("data.batch_size=6"), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="data.dataset 'webvid' is not available to the LM; known: synthetic"):
+        train(_config("data.dataset=webvid"), str(tmp_path / "b"))

@@ -314,8 +314,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     mesh, rules, layout, graphdef, abstract = setup(config)
     tc = config.train
     dp = parallel.data_parallel_size(mesh, rules)
-    if config.data.batch_size % dp:
-        raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the {dp} data-parallel shards")
+    for name, size in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size)):
+        if size % dp:
+            raise ValueError(f"{name}={size} must be divisible by the {dp} data-parallel shards")
     os.makedirs(workdir, exist_ok=True)
     configlib.save_config(config, os.path.join(workdir, "config.json"))
     layout.save(os.path.join(workdir, "vocab.json"))
