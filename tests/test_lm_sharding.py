@@ -81,3 +81,16 @@ def test_eight_devices_match_one(runs):
     for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
         np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=1e-4, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("size", ["300m", "1b", "8b"])
+def test_paper_sizes_shard_over_fsdp_and_tensor(size):
+    """Abstract (no memory) model + optimizer state of each paper size on 8 devices: every leaf divides."""
+    config = configlib.load_config(f"configs/lm.py:{size}")
+    config.mesh = dict(data=1, fsdp=2, tensor=4)
+    _, _, _, _, abstract = setup(config)
+    leaves = jax.tree.leaves(abstract)
+    for leaf in leaves:
+        leaf.sharding.shard_shape(leaf.shape)  # raises if a sharded dimension does not divide
+    sharded = sum(leaf.size for leaf in leaves if not leaf.sharding.is_fully_replicated)
+    assert sharded / sum(leaf.size for leaf in leaves) > 0.99
