@@ -36,9 +36,9 @@ from videolm import parallel
 RESIDUAL_DILATIONS = (1, 3, 9)
 
 
-def _kernel_init(fan_in_axes=(0, 1)):
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes,
-                                             out_axis=-1)
+def _kernel_init(scale: float):
+    init = (nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=-1)
+            if scale > 0 else nnx.initializers.zeros_init())
     return nnx.with_partitioning(init, ("conv_window", "conv_in", "conv_out"))
 
 
@@ -46,13 +46,13 @@ class CausalConv1d(nnx.Module):
     """Conv1d that sees only the present and the past: ``[B, T, Cin] -> [B, T // stride, Cout]``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-                 dilation: int = 1, rngs: nnx.Rngs):
+                 dilation: int = 1, init_scale: float = 1.0, rngs: nnx.Rngs):
         pad = (kernel_size - 1) * dilation - (stride - 1)
         if pad < 0:
             raise ValueError(f"CausalConv1d: kernel_size {kernel_size} is shorter than stride {stride}")
         self.conv = nnx.Conv(
             in_channels, out_channels, kernel_size=(kernel_size,), strides=(stride,),
-            kernel_dilation=(dilation,), padding=[(pad, 0)], kernel_init=_kernel_init(),
+            kernel_dilation=(dilation,), padding=[(pad, 0)], kernel_init=_kernel_init(init_scale),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,9 +80,12 @@ class CausalUpsample(nnx.Module):
 
 
 class ResidualUnit(nnx.Module):
+    """``x + Conv_k1(ELU(CausalConv_k7_dilated(ELU(x))))``; the k1 conv starts at zero, so every
+    unit starts as the identity and the deep stack trains without normalisation layers."""
+
     def __init__(self, channels: int, dilation: int, *, rngs: nnx.Rngs):
         self.dilated = CausalConv1d(channels, channels, 7, dilation=dilation, rngs=rngs)
-        self.pointwise = CausalConv1d(channels, channels, 1, rngs=rngs)
+        self.pointwise = CausalConv1d(channels, channels, 1, init_scale=0.0, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.pointwise(jax.nn.elu(self.dilated(jax.nn.elu(x))))

@@ -1,0 +1,80 @@
+"""SoundStream audio tokenizer.
+
+    tiny   SoundShapes audio; trains on a laptop CPU in minutes (4 levels x 256 codes, 106 frames)
+    paper  VideoPoet's: 16 kHz, hop 320 (strides 2, 4, 5, 8) -> 50 Hz, 106 frames per 2.125 s,
+           4 levels x 1,024 codes (4,096 audio ids)
+    peer   the architecture of the PyTorch CPU peer (channels 32, latent 512, 4 x 1,024 codes,
+           batch 4 of whole clips, waveform MSE + commitment, no discriminator), for ``videolm bench``
+
+Usage: ``videolm train --config configs/tokenizer_audio.py:tiny --workdir DIR``.
+"""
+import ml_collections
+
+SIZES = ("tiny", "paper", "peer")
+
+
+def get_config(arg=None):
+    size = arg or "tiny"
+    if size not in SIZES:
+        raise ValueError(f"configs/tokenizer_audio.py: unknown size {size!r}; expected one of {SIZES}")
+    c = ml_collections.ConfigDict()
+    c.kind = "audio_tokenizer"
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("conv_out", "tensor"),
+        ("conv_in", None),
+        ("conv_window", None),
+        ("length", None),
+        ("rvq_level", None),
+        ("codebook", None),
+        ("codebook_dim", None),
+    )
+
+    c.model = ml_collections.ConfigDict(dict(
+        channels=32, latent_dim=512, strides=(2, 4, 5, 8), num_levels=4, codebook_size=1024,
+        ema_decay=0.99, dead_code_threshold=2.0, kmeans_iterations=10, quantizer_dropout=0.5,
+        quantizer_warmup_steps=0))
+
+    c.discriminator = ml_collections.ConfigDict(dict(
+        stft_channels=32, stft_n_fft=1024, stft_hop=256, stft_channel_mults=(2, 4, 4, 8, 8, 16),
+        wave_scales=3, wave_channels=16, wave_downsamples=4, wave_max_channels=1024))
+
+    c.loss = ml_collections.ConfigDict(dict(
+        mel_weight=1.0, mel_scales=(64, 128, 256, 512, 1024, 2048), num_mels=64, floor_db=-40.0,
+        l2_weight=0.0, commitment_weight=1.0, adversarial_weight=0.1, feature_matching_weight=1.0,
+        adversarial_start_step=0))
+
+    c.data = ml_collections.ConfigDict(dict(
+        dataset="soundshapes", data_dir="", num_train_examples=100_000, batch_size=16,
+        crop_samples=16000,  # 1 s random crops (a multiple of the hop)
+        world=dict(height=64, width=64, num_frames=17, fps=8.0, sample_rate=16000)))
+
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=200_000, log_every=100, checkpoint_every=5000, eval_every=0, keep_checkpoints=2,
+        learning_rate=1e-4, disc_learning_rate=1e-4, b1=0.5, b2=0.9, warmup_steps=1000, grad_clip=10.0,
+        max_train_seconds=0.0))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        split="validation", num_examples=256, batch_size=16, num_spectrograms=4))
+
+    c.bench = ml_collections.ConfigDict(dict(batch_size=4, steps=5, train_steps=3, warmup=1))
+
+    if size == "tiny":
+        c.model.update(channels=8, latent_dim=64, codebook_size=256, dead_code_threshold=0.5,
+                       kmeans_iterations=10)
+        c.discriminator.update(stft_channels=8, stft_n_fft=256, stft_hop=64,
+                               stft_channel_mults=(2, 4, 4, 8), wave_scales=2, wave_channels=8,
+                               wave_downsamples=3, wave_max_channels=64)
+        c.loss.update(mel_scales=(64, 128, 256, 512, 1024), adversarial_start_step=0)
+        c.data.update(num_train_examples=4096, batch_size=8, crop_samples=6400)
+        c.train.update(num_steps=3000, log_every=50, checkpoint_every=500, learning_rate=1e-3,
+                       disc_learning_rate=1e-3, warmup_steps=100, max_train_seconds=900.0)
+        c.eval.update(num_examples=64, batch_size=8)
+    elif size == "peer":
+        c.loss.update(mel_weight=0.0, l2_weight=1.0, commitment_weight=0.25, adversarial_weight=0.0,
+                      feature_matching_weight=0.0)
+        c.data.update(batch_size=4, crop_samples=33920)
+        c.train.update(learning_rate=1e-4)
+    return c
