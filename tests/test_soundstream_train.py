@@ -88,7 +88,9 @@ def test_a_few_steps_on_one_batch_lower_the_loss(run_dir, config):
         for i in range(8):
             state, metrics = step_fn(state, batch["audio"], np.int32(3 + i))
             losses.append(float(metrics["mel_loss"]))
-    assert losses[-1] < 0.8 * losses[0], losses
+    # every step on the fixed batch lowers the mel loss, and 8 steps take off at least a tenth
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_evaluate_and_tokenizer_from_workdir(run_dir, config):
