@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -63,11 +64,14 @@ class RunLog:
         video = np.asarray(video)
         if video.dtype != np.uint8:
             video = (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
-        try:
+        if importlib.util.find_spec("moviepy") is None:
+            # tensorboardX renders videos through moviepy (not a dependency): without it, log one
+            # image per clip with its frames side by side.
+            n, t, h, w, c = video.shape
+            strips = video.transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c)
+            self._tb.add_images(tag, strips, step, dataformats="NHWC")
+        else:
             self._tb.add_video(tag, video.transpose(0, 1, 4, 2, 3), step, fps=fps)
-        except (ImportError, TypeError, ValueError):
-            # tensorboardX renders videos through moviepy when present; fall back to the frames.
-            self._tb.add_images(tag, video.reshape((-1,) + video.shape[2:]), step, dataformats="NHWC")
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         if self.is_writer:
