@@ -71,17 +71,33 @@ def get_config(arg=None):
         rope_base=10000.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat_policy="none",
         scan_layers=True, attention_impl="auto", text_embed_dim=0))
 
-    # Until token shards exist, synthetic sequences of VideoPoet's layout (see videolm/train.py):
+    # data.dataset 'tokens': the shards of `videolm tokenize` in data.tokens_dir (the vocabulary
+    # then comes from their layout.json, not from config.vocab), trained on the task mixture;
+    # 'synthetic': sequences of VideoPoet's layout with structure to learn (videolm/lm_data.py):
     # <bos> <task> <bot_i> text <eot_i> <bov_i> image <eov_i> <res> | <bov_o> video <eov_o>
     # <boa_o> audio <eoa_o> <eos>, where the video moves the image and the audio follows the text.
+    # Sequence lengths are rounded up to length_multiple: fewer distinct shapes to compile.
     config.data = ml_collections.ConfigDict(dict(
-        dataset="synthetic", data_dir="", batch_size=16, num_examples=50_000, eval_examples=512,
-        text_len=8, image_tokens=16, video_frames=4, audio_frames=6, image_codes=32))
+        dataset="tokens", tokens_dir="", batch_size=16, length_multiple=16,
+        num_examples=50_000, eval_examples=512, text_len=8, image_tokens=16, video_frames=4, audio_frames=6,
+        image_codes=32))
+    # The task mixture (videolm/mixture.py): relative weights within the image tasks and within the
+    # video tasks; image tasks take image_share_early of the steps for the first
+    # curriculum_fraction of the run, then image_share_late (the paper: 90% / 25%, then 10%).
+    # Condition dropout trains the unconditional forms classifier-free guidance contrasts.
+    config.mixture = ml_collections.ConfigDict(dict(
+        weights=dict(unconditional=1.0, t2v=2.0, t2i=1.0, i2v=2.0, future=1.0, inpaint=1.0, outpaint=1.0,
+                     stylize=1.0, a2v=1.0, v2a=1.0, av_continuation=1.0),
+        curriculum_fraction=0.25, image_share_early=0.9, image_share_late=0.1, text_dropout=0.1,
+        uncond_dropout=0.05))
+    config.tasks = ml_collections.ConfigDict(dict(
+        max_text_len=32, res_token=0, min_context_frames=1, stylize_first_frame_prob=0.5))
     config.train = ml_collections.ConfigDict(dict(
         num_steps=600, log_every=25, checkpoint_every=200, eval_every=200, keep_checkpoints=2,
         learning_rate=3e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, z_loss=1e-4, loss_chunk_size=0))
-    config.eval = ml_collections.ConfigDict(dict(num_batches=4, batch_size=32))
+    # Validation: num_batches batches of batch_size per task of the mixture (of the synthetic set).
+    config.eval = ml_collections.ConfigDict(dict(num_batches=2, batch_size=16))
     # `videolm bench lm`: one timed training step of this shape on random tokens.
     config.bench = ml_collections.ConfigDict(dict(batch_size=8, seq_len=512, prefix_len=128, steps=5, warmup=2))
 
@@ -92,7 +108,7 @@ def get_config(arg=None):
         # Measured on this CPU: chunked attention skips the masked blocks (~25% less attention time);
         # saving only matmul outputs ('dots') beats saving everything (fewer stacked residuals).
         config.model.update(attention_impl="chunked", remat_policy="dots")
-        config.data.update(batch_size=8, text_len=32, image_tokens=64, video_frames=5, audio_frames=16)
+        config.data.update(dataset="synthetic", batch_size=8, text_len=32, image_tokens=64, video_frames=5, audio_frames=16)
         config.train.update(learning_rate=3e-4, num_steps=100, warmup_steps=10)
     elif size != "tiny":
         # The paper: 2^18 video codes, 4 x 1,024 audio codes; 32k sentencepiece pieces (about 300k
@@ -100,7 +116,8 @@ def get_config(arg=None):
         config.vocab.update(text_size=32_000, video_tokenizer_config=_tokenizer("tokenizer_video.py", "paper"),
                             audio_tokenizer_config=_tokenizer("tokenizer_audio.py", "paper"))
         config.model.update(dtype="bfloat16", remat_policy="dots_no_batch")
-        config.data.update(batch_size=256, text_len=64, image_tokens=256, video_frames=5, audio_frames=106,
+        config.tasks.update(max_text_len=64)
+        config.data.update(batch_size=256, length_multiple=128, text_len=64, image_tokens=256, video_frames=5, audio_frames=106,
                            image_codes=2 ** 18)
         config.train.update(num_steps=500_000, learning_rate=3e-4 if size != "8b" else 1.5e-4,
                             warmup_steps=5000, loss_chunk_size=512, log_every=100, checkpoint_every=2000,

@@ -204,8 +204,9 @@ def test_paper_sizes_parameter_counts(size):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = configlib.load_config(f"configs/lm.py:{size}")
-    from videolm.train import build_layout, model_kwargs
-    layout = build_layout(config.vocab)
+    from videolm.lm_data import vocab_layout
+    from videolm.train import model_kwargs
+    layout = vocab_layout(config.vocab)
     kwargs = model_kwargs(config, layout)
     abstract = nnx.eval_shape(lambda: PrefixLM(**kwargs, rngs=nnx.Rngs(0)))
     counts = count_params(nnx.state(abstract, nnx.Param))
@@ -218,9 +219,9 @@ def test_paper_sizes_parameter_counts(size):
 
 
 def test_tiny_config_takes_its_vocabulary_from_the_tokenizer_configs():
-    from videolm.train import build_layout
+    from videolm.lm_data import vocab_layout
     config = configlib.load_config("configs/lm.py:tiny")
-    layout = build_layout(config.vocab)
+    layout = vocab_layout(config.vocab)
     video = configlib.load_config("configs/tokenizer_video.py:tiny")
     audio = configlib.load_config("configs/tokenizer_audio.py:tiny")
     assert layout.video_bits == video.model.codebook_bits

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from videolm import configlib, parallel
 from videolm.train import compute_loss, setup, state_constructor
 
-OVERRIDES = ("model.width=32", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
+OVERRIDES = ("data.dataset=synthetic", "model.width=32", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
              "model.attention_impl=xla", "vocab.video_tokenizer_config=", "vocab.audio_tokenizer_config=",
              "vocab.text_size=8", "vocab.video_bits=4", "vocab.audio_levels=2",
              "vocab.audio_codes=8")
@@ -88,6 +88,7 @@ def test_paper_sizes_shard_over_fsdp_and_tensor(size):
     """Abstract (no memory) model + optimizer state of each paper size on 8 devices: every leaf divides."""
     config = configlib.load_config(f"configs/lm.py:{size}")
     config.mesh = dict(data=1, fsdp=2, tensor=4)
+    config.data.dataset = "synthetic"  # the paper's vocabulary from config.vocab, no token shards
     _, _, _, _, abstract = setup(config)
     leaves = jax.tree.leaves(abstract)
     for leaf in leaves:

@@ -5,10 +5,11 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from videolm import configlib, runlog
-from videolm.train import SyntheticSequences, build_layout, evaluate, train
+from videolm.lm_data import SyntheticSequences, vocab_layout
+from videolm.train import evaluate, train
 from videolm.vocab import VocabLayout, VocabMismatchError
 
-OVERRIDES = ("model.width=32", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
+OVERRIDES = ("data.dataset=synthetic", "model.width=32", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
              "vocab.video_tokenizer_config=", "vocab.audio_tokenizer_config=",
              "vocab.text_size=8", "vocab.video_bits=4", "vocab.audio_levels=2", "vocab.audio_codes=8",
              "data.batch_size=8", "data.num_examples=64", "data.eval_examples=16", "data.text_len=3",
@@ -82,7 +83,7 @@ def test_vocabulary_mismatch_is_refused(runs):
 
 def test_synthetic_sequences_have_the_videopoet_layout():
     config = _config()
-    layout = build_layout(config.vocab)
+    layout = vocab_layout(config.vocab)
     source = SyntheticSequences(layout, num_examples=10, text_len=3, image_tokens=4, video_frames=3,
                                 audio_frames=2, image_codes=8)
     ex = source[7]
@@ -109,5 +110,9 @@ def test_synthetic_sequences_have_the_videopoet_layout():
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="data.batch_size=6 must be divisible by the 8 data-parallel shards"):
         train(_config("data.batch_size=6"), str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="data.dataset 'webvid' is not available to the LM; known: synthetic"):
+    with pytest.raises(ValueError, match="data.dataset 'webvid' is not available to the LM; known: tokens, synthetic"):
         train(_config("data.dataset=webvid"), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="data.tokens_dir is empty"):
+        train(_config("data.dataset=tokens"), str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="holds no layout.json"):
+        train(_config("data.dataset=tokens", f"data.tokens_dir={tmp_path}"), str(tmp_path / "d"))

@@ -33,7 +33,8 @@ from flax import nnx
 from videolm import benchmark, parallel, sampling
 from videolm.model import decode
 from videolm.model.transformer import PrefixLM, count_params
-from videolm.train import build_layout, model_kwargs
+from videolm.lm_data import vocab_layout
+from videolm.train import model_kwargs
 
 DEFAULTS = dict(batch_size=1, prefix_len=256, num_tokens=1280, repeats=3, no_cache_lengths=6, check_tokens=8)
 
@@ -85,7 +86,7 @@ def bench(config) -> dict:
     if config is None:
         raise ValueError("videolm bench decode needs --config configs/lm.py:bench (or another LM config)")
     bc = settings(config)
-    layout = build_layout(config.vocab)
+    layout = vocab_layout(config.vocab)
     kwargs = model_kwargs(config, layout)
     with jax.default_device(jax.devices()[0]):
         model = parallel.init_jitted(lambda: PrefixLM(**kwargs, rngs=nnx.Rngs(config.seed)))

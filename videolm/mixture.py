@@ -100,20 +100,24 @@ def text_buckets(text_lengths: Seq[int], max_text_len: int) -> dict[int, np.ndar
 class MixtureBatches:
     """Random-access batches: ``batches[step]`` is this process's share of step ``step``'s batch.
 
-    Each item: ``tokens`` int32 [b, L], ``prefix_len`` int32 [b], ``segment_ids`` int32 [b, L]
+    Each item: ``tokens`` int32 [b, L] (L the longest sequence rounded up to ``length_multiple``), ``prefix_len`` int32 [b], ``segment_ids`` int32 [b, L]
     (1 = real token, 0 = padding), ``task_id`` int32 [b] (index into ``task_names``), with
     ``b = batch_size / process_count``.
     """
 
     def __init__(self, examples, text_lengths: Seq[int], layout: VocabLayout, mixture: MixtureConfig, *,
                  batch_size: int, num_steps: int, seed: int, options: tasks_lib.TaskOptions = tasks_lib.TaskOptions(),
-                 process_index: int = 0, process_count: int = 1, min_bucket: int | None = None):
+                 process_index: int = 0, process_count: int = 1, min_bucket: int | None = None,
+                 length_multiple: int = 1):
         if len(examples) != len(text_lengths):
             raise ValueError(f"{len(examples)} examples but {len(text_lengths)} text lengths")
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
         self.examples, self.layout, self.mixture, self.options = examples, layout, mixture, options
+        if length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
         self.batch_size, self.num_steps, self.seed = batch_size, num_steps, seed
+        self.length_multiple = length_multiple
         self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
         self.task_names = tuple(mixture.weights)
         self.all_indices = np.arange(len(examples))
@@ -155,7 +159,9 @@ class MixtureBatches:
             sequences.append(tasks_lib.build(task, self.examples[int(indices[row])], self.layout,
                                              rng=np.random.default_rng(batch_seed), options=self.options,
                                              condition=condition))
-        batch = pad_batch(sequences, self.layout.pad_id)
+        # Lengths rounded up to a multiple bound the number of distinct shapes (compiled steps).
+        length = max(len(s) for s in sequences)
+        batch = pad_batch(sequences, self.layout.pad_id, length=-(-length // self.length_multiple) * self.length_multiple)
         batch["task_id"] = np.full((len(sequences),), self.task_names.index(task), np.int32)
         return batch
 
