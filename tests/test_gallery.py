@@ -1,4 +1,4 @@
-"""The HTML gallery and the demo that writes it."""
+"""The HTML gallery."""
 import html.parser
 import os
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from videolm import gallery, media
-from videolm.demo import run_demo
 
 
 class _Links(html.parser.HTMLParser):
@@ -84,27 +83,3 @@ def test_format_value():
     assert gallery.format_value(3) == "3"
     assert gallery.format_value(12345.6) == "12346"
     assert gallery.flatten_scores({"a": {"b": 1, "c": {"d": 2}}}) == {"a / b": 1, "a / c / d": 2}
-
-
-def test_demo_writes_a_gallery_of_scored_ground_truth_and_skips_done_stages(tmp_path):
-    logs = []
-    options = dict(resolution=32, num_frames=17, num_train=2, num_validation=0, num_test=3,
-                   num_compositional=2, num_shown=2, progress=False, log=logs.append)
-    summary = run_demo(str(tmp_path), **options)
-    links = assert_links_exist(summary["index"])
-    assert sum(link.endswith(".mp4") for link in links) == 2 * 2 * 2  # 2 splits x 2 clips x (clip, control)
-    for split, count in (("test", 3), ("compositional", 2)):
-        scores = summary["scores"][split]
-        assert scores["num_clips"] == count
-        assert scores["caption"]["exact_match"] == 1.0
-        assert scores["caption"]["shuffled"]["exact_match"] < 1.0
-    with_sound = [link for link in links if "video-with-sound" in link]
-    assert media.read_video(os.path.join(tmp_path, with_sound[0])).audio is not None
-    _, text = parse(summary["index"])
-    assert "shuffled pairs" in text and "compositional" in text
-    assert not any("already done" in line for line in logs)
-    logs.clear()
-    again = run_demo(str(tmp_path), **options)
-    assert sum("already done" in line for line in logs) == 2
-    assert again["scores"] == summary["scores"]
-    assert_links_exist(again["index"])

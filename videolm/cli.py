@@ -124,6 +124,12 @@ def cmd_data_build(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from videolm import generate
+    generate.run(args)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from videolm import demo
     demo.run(args)
@@ -171,6 +177,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from videolm.data import build
         build.add_arguments(p)
     p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("generate", help="prompt a trained LM for any task; writes mp4/png and settings.json")
+    if command == "generate":
+        from videolm import generate
+        generate.add_arguments(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the whole pipeline on SoundShapes with tiny configs")
     if command == "demo":

@@ -425,7 +425,7 @@ def _forced_array(forced, batch, num_tokens, lo, hi, mask):
 
 def generate(model, prefixes, *, num_tokens: int, allowed=None, sampling: SamplingConfig = SamplingConfig(),
              uncond_prefixes=None, vocab: VocabLayout | None = None, forced=None, use_cache: bool = True,
-             layer_loop: str | None = None, text_embeddings=None) -> np.ndarray:
+             layer_loop: str | None = None, text_embeddings=None, prefix_multiple: int = 1) -> np.ndarray:
     """Samples ``num_tokens`` target tokens after each prompt; returns int32 [B, num_tokens].
 
     Args:
@@ -448,6 +448,8 @@ def generate(model, prefixes, *, num_tokens: int, allowed=None, sampling: Sampli
       text_embeddings: float [rows, num_text, dim] precomputed text embeddings written at the
         ``<text_emb>`` placeholders of each prompt (rows: the B prompts, then with guidance the B
         unconditional ones), for a model with a text projection.
+      prefix_multiple: the padded prompt length is rounded up to this multiple, so prompts of
+        nearby lengths share one compiled program.
     """
     layer_loop = layer_loop or decode.default_layer_loop()
     if layer_loop not in ("scan", "unrolled"):
@@ -468,7 +470,10 @@ def generate(model, prefixes, *, num_tokens: int, allowed=None, sampling: Sampli
     for i, row in enumerate(rows):
         if row.min() < 0 or row.max() >= vocab_size:
             raise ValueError(f"prompt {i}: ids must lie in [0, {vocab_size}), got [{row.min()}, {row.max()}]")
-    tokens, pad_len = left_pad(rows, max(r.size for r in rows), vocab.pad_id if vocab is not None else 0)
+    if prefix_multiple < 1:
+        raise ValueError(f"generate: prefix_multiple must be >= 1, got {prefix_multiple}")
+    length = -(-max(r.size for r in rows) // prefix_multiple) * prefix_multiple
+    tokens, pad_len = left_pad(rows, length, vocab.pad_id if vocab is not None else 0)
     lo, hi, mask = _allowed_arrays(allowed, int(num_tokens), vocab_size, vocab)
     ctl = {
         "lo": lo, "hi": hi, "forced": _forced_array(forced, batch, int(num_tokens), lo, hi, mask),

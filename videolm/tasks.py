@@ -45,12 +45,15 @@ class TaskOptions:
       min_context_frames: fewest latent frames given as context to future prediction and
         audio-video continuation (the first latent frame is the first pixel frame alone).
       stylize_first_frame_prob: how often stylization also conditions on the first frame.
+      context_frames: when > 0, continuation tasks see exactly this many latent frames (as at
+        sampling time, where the given clip sets them) instead of a random count.
     """
 
     max_text_len: int = 32
     res_token: int = 0
     min_context_frames: int = 1
     stylize_first_frame_prob: float = 0.5
+    context_frames: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,8 @@ def res(options: TaskOptions) -> list[int]:
 
 def context_frames(num_latent_frames: int, rng: np.random.Generator, options: TaskOptions) -> int:
     """How many leading latent frames a continuation task sees (at least one frame is predicted)."""
+    if options.context_frames > 0:
+        return max(1, min(options.context_frames, num_latent_frames - 1))
     low = min(options.min_context_frames, num_latent_frames - 1)
     return int(rng.integers(max(low, 1), num_latent_frames)) if num_latent_frames > 1 else 1
 

@@ -29,6 +29,7 @@ import tqdm
 from array_record.python import array_record_module
 from flax import serialization
 
+from videolm import configlib
 from videolm import text as text_lib
 from videolm.vocab import VocabLayout
 
@@ -229,6 +230,7 @@ def run(config, workdir: str) -> dict:
         if not config.get(name):
             raise ValueError(f"config.{name} is empty: expected the workdir of a trained tokenizer")
     os.makedirs(workdir, exist_ok=True)
+    configlib.save_config(config, os.path.join(workdir, "config.json"))  # generate finds the tokenizers here
     data = config.data
     world = WorldConfig(**data.world.to_dict()) if data.dataset == "soundshapes" else None
     sources = {split: pipeline.make_source(data.dataset, split, data_dir=data.data_dir or None, world=world,
