@@ -116,3 +116,17 @@ def test_generate_refuses_bad_inputs(demo, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, (extra, err)
     assert cli.main(["generate", "--workdir", str(tmp_path), "--task", "t2v", "--prompt", "x"]) == 2
     assert "config.json of an LM run" in capsys.readouterr().err
+
+
+def test_chaining_script_feeds_each_output_to_the_next_task(demo, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("chain", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                        "experiments", "chain.py"))
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+    out, _, _ = demo
+    report = chain.main(["--workdir", os.path.join(out, "lm"), "--out", str(tmp_path), "--seconds", "2"])
+    assert report["style_prompt"] == "a blue circle moves up"
+    assert media.read_image(report["outputs"]["t2i"]).shape == (32, 32, 3)
+    assert media.read_video(report["outputs"]["stylize+v2a"]).audio is not None
+    assert media.read_video(report["outputs"]["long"]).video.shape[0] == 16
