@@ -95,7 +95,8 @@ def get_config(arg=None):
     config.train = ml_collections.ConfigDict(dict(
         num_steps=600, log_every=25, checkpoint_every=200, eval_every=200, keep_checkpoints=2,
         learning_rate=3e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.1,
-        b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, z_loss=1e-4, loss_chunk_size=0))
+        b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, z_loss=1e-4, loss_chunk_size=0,
+        time_limit_s=0.0))  # > 0: stop (evaluate and checkpoint) after this many seconds of training
     # Validation: num_batches batches of batch_size per task of the mixture (of the synthetic set).
     config.eval = ml_collections.ConfigDict(dict(num_batches=2, batch_size=16))
     # `videolm bench lm`: one timed training step of this shape on random tokens.

@@ -115,3 +115,13 @@ def test_evaluate_reports_each_task_and_its_baseline(runs):
         np.testing.assert_allclose(result[f"{task}/loss"], evals[f"{task}/loss"], rtol=1e-5)
         assert result[f"{task}/unigram_loss"] > 0
     json.dumps(result)
+
+
+def test_time_limit_stops_with_a_checkpoint(tokens_dir, tmp_path):
+    config = _config(tokens_dir, "train.time_limit_s=1e-6", "train.num_steps=50")
+    train(config, str(tmp_path))
+    rows = runlog.read_metrics(str(tmp_path), "train")
+    assert [r["step"] for r in rows] == [1]  # stopped after the first step, logged it
+    assert [r["step"] for r in runlog.read_metrics(str(tmp_path), "eval")] == [1]
+    from videolm import checkpoint
+    assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 1

@@ -247,12 +247,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     metrics, batch = {}, first
     last = tc.num_steps if stop_at_step is None else min(stop_at_step, tc.num_steps)
     shapes = set()  # distinct batch shapes = compiled training programs
+    run_start = time.perf_counter()
     window = dict(start=time.perf_counter(), steps=0, positions=0, padding=0, flops=0.0)
     with parallel.use_mesh(mesh, rules):
         while step < last:
             shapes.add(batch["tokens"].shape)
             state, metrics = train_step(state, parallel.shard_batch(batch, mesh, rules))
             step += 1
+            if tc.get("time_limit_s", 0) > 0 and time.perf_counter() - run_start > tc.time_limit_s and step < last:
+                log.print(f"lm: time limit of {tc.time_limit_s:.0f} s reached at step {step}; checkpointing")
+                last = step  # the steps below log, evaluate and checkpoint this one as the last
             # Positions the model processed (S per row), padding among them, model FLOPs.
             rows, seq_len = batch["tokens"].shape[0] * jax.process_count(), batch["tokens"].shape[1] - 1
             window["steps"] += 1
