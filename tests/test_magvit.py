@@ -207,3 +207,22 @@ def test_paper_config_builds_abstractly_and_steps():
     assert metrics["loss"].shape == () and "r1_penalty" in metrics and "gan_g_loss" in metrics
     z = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s).tokenizer.encode(v.astype(jnp.float32)), state, video)
     assert z.shape == (1, 5, 16, 16, 18)
+
+
+@pytest.mark.parametrize("variant, tokens", [("tiny", (5, 16, 16)), ("demo", (5, 8, 8))])
+def test_cpu_configs_build_with_their_token_shape(variant, tokens):
+    """The CPU variants: 17x64x64 clips, their token grid from the config alone and from the model."""
+    from videolm import configlib
+    config = configlib.load_config(f"configs/tokenizer_video.py:{variant}")
+    data = config.data
+    assert (data.num_frames, data.height, data.width) == (17, 64, 64)
+    assert model_lib.token_shape(17, 64, 64, config.model.temporal_downsample) == tokens
+    assert 10 <= config.model.codebook_bits <= 12
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.tokenizer_from_config(config.model, nnx.Rngs(0))))
+    video = jax.ShapeDtypeStruct((1, 17, 64, 64, 3), jnp.float32)
+    z = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s).encode(v), state, video)
+    assert z.shape == (1,) + tokens + (config.model.codebook_bits,)
+    # Groups of several channels: a GroupNorm of one channel per group erases every per-frame
+    # constant (a plain background's grey level) that the tokens must carry.
+    channels = [config.model.base_channels * m for m in config.model.channel_multipliers]
+    assert all(c // layers.num_groups_for(c, config.model.num_groups) >= 2 for c in channels)

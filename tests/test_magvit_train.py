@@ -70,6 +70,13 @@ def test_resume_continues_with_identical_losses(trained, tmp_path):
             assert resumed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_phases_switch_on_the_gan_and_perceptual_terms():
+    trainer = train_lib.Trainer(small_config(**{"loss.gan_start_step": 5, "loss.perceptual_start_step": 3}))
+    assert [trainer.phase(s) for s in (0, 3, 5)] == [(False, False), (False, True), (True, True)]
+    # The switch-on steps are not part of the compiled step's key: one program per phase.
+    assert trainer._step_config((True, True)).loss.gan_start_step == 0
+
+
 def test_a_few_steps_lower_the_loss():
     config = small_config(**{"loss.gan_start_step": 1000})
     trainer = train_lib.Trainer(config)
@@ -150,6 +157,9 @@ def test_api_and_evaluation_of_a_run(trained):
     assert result["bits_per_pixel"] == pytest.approx(9 * 16 * 16 * 6 / (17 * 32 * 32))
     assert result["first_frame/tokens_match_video"] == 1.0
     assert result["token_shape"] == [9, 16, 16]
+    # The world evaluator reads the clips back: the originals' captions are recovered.
+    assert 0 <= result["world/caption_exact_match"] <= 1
+    assert result["world/originals/caption_exact_match"] == 1.0
     json.dumps(result)
 
 

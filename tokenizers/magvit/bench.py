@@ -64,8 +64,8 @@ def bench(config=None) -> dict:
             train_config.train.crop_frames = 0
         trainer = Trainer(train_config, mesh=None)
         key = jax.random.key(0)
-        with_gan = trainer.step >= trainer.loss_cfg.gan_start_step
-        train_flops = flops.count_flops(trainer.step_function(with_gan), trainer.state, video_u8, key,
+        phase = trainer.phase(trainer.step)
+        train_flops = flops.count_flops(trainer.step_function(phase), trainer.state, video_u8, key,
                                         trainer.lpips_params)
         t_train = benchmark.time_fn(lambda: trainer.train_step(video_u8, key)["loss"], **timing)["median_s"]
         num_params = sum(x.size for x in jax.tree.leaves(nnx.state(trainer.models().tokenizer, nnx.Param)))
@@ -86,7 +86,8 @@ def bench(config=None) -> dict:
         "peak_gflops_start": peak.start,
         "peak_gflops_end": peak.end,
         "fraction_of_peak": train_flops / t_train / 1e9 / peak.gflops,
-        "train_with_gan": bool(with_gan),
+        "train_with_gan": bool(phase[0]),
+        "train_with_perceptual": bool(phase[1] and config.loss.perceptual_weight > 0),
     })
     result.update(benchmark.environment())
     return result

@@ -10,6 +10,11 @@ Over the whole evaluation split (``config.eval``), with the EMA weights by defau
 * the same for first frames encoded alone as images (``first_frame/...``), and how often the image
   tokens equal the first latent frame of the video (1.0 for a causal encoder).
 
+With ``eval.world`` (SoundShapes only) the world evaluator reads the reconstructions back
+(``videolm.eval.metrics.score_clips`` against the clips' captions): ``world/caption_exact_match``
+and the attribute accuracies say whether colour, shape and motion survive tokenization;
+``world/originals/...`` are the same scores of the original clips (the evaluator's own ceiling).
+
 Writes ``eval_frames.png`` (originals above reconstructions) into the workdir when asked.
 """
 from __future__ import annotations
@@ -76,6 +81,19 @@ def _save_frames(path: str, real: np.ndarray, fake: np.ndarray, max_clips: int =
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def world_scores(config, real: list, fake: list, captions: list) -> dict:
+    """Caption agreement of reconstructions (and of the originals) read back by the world evaluator."""
+    from tokenizers.magvit.train import world_config
+    world = world_config(config.data)
+    out = {}
+    for name, videos in (("", fake), ("originals/", real)):
+        scores = metrics.score_clips(world, videos=videos, captions=captions)
+        caption = {k: v for k, v in scores["caption"].items() if k != "shuffled"}
+        out.update({f"world/{name}caption_{k}": v for k, v in caption.items()})
+        out[f"world/{name}objects_per_clip"] = scores["objects_per_clip"]
+    return out
+
+
 def evaluate(config, workdir: str) -> dict:
     """Scores the run in ``workdir`` on ``config.eval.split``; returns one JSON-able dict."""
     ec = config.eval
@@ -97,14 +115,21 @@ def evaluate(config, workdir: str) -> dict:
     videos = _Scores(tok.vocab_size)
     firsts = _Scores(tok.vocab_size) if ec.first_frame and not image_model else None
     first_match = []
+    world = ec.get("world", False) and not image_model and config.data.dataset == "soundshapes"
+    world_real, world_fake, world_captions = [], [], []
     saved = False
     for start in range(0, len(source), ec.batch_size):
-        real = np.stack([source[i]["video"] for i in range(start, min(start + ec.batch_size, len(source)))])
+        examples = [source[i] for i in range(start, min(start + ec.batch_size, len(source)))]
+        real = np.stack([e["video"] for e in examples])
         if image_model:
             real = real[:, :1]
         tokens = tok.encode_batch(real)
         fake = tok.decode_batch(tokens)
         videos.add(real, fake, tokens, lpips_fn, i3d)
+        if world:
+            world_real.extend(real)
+            world_fake.extend(fake)
+            world_captions.extend(e["text"] for e in examples)
         if firsts is not None:
             first_tokens = tok.encode_batch(real[:, :1])
             firsts.add(real[:, :1], tok.decode_batch(first_tokens), first_tokens, lpips_fn, None)
@@ -116,6 +141,8 @@ def evaluate(config, workdir: str) -> dict:
     if firsts is not None:
         result.update({f"first_frame/{k}": v for k, v in firsts.result(tok.codebook_bits).items()})
         result["first_frame/tokens_match_video"] = float(np.mean(first_match))
+    if world:
+        result.update(world_scores(config, world_real, world_fake, world_captions))
     result.update({"split": ec.split, "num_examples": len(source), "vocab_size": tok.vocab_size,
                    "token_shape": list(tok.token_shape(*real.shape[1:4])), "use_ema": bool(ec.use_ema)})
     from videolm import checkpoint

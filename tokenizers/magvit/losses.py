@@ -3,7 +3,7 @@
 Generator (tokenizer)::
 
     recon_weight * L2(recon, video)                                   5.0
-  + perceptual_weight * LPIPS-VGG(recon, video) on sampled frames     0.1
+  + perceptual_weight * LPIPS-VGG(recon, video) on sampled frames     0.1 (after perceptual_start_step)
   + commitment_weight * ||z - sg(q)||^2                               0.25
   + entropy_weight(step) * (E[H(p(c|z))] - H(E[p(c|z)]))              0.1, x3 decaying to x1
   + gan_weight * non-saturating G loss  (after gan_start_step)        0.1
@@ -29,6 +29,7 @@ class LossConfig:
     recon_weight: float = 5.0
     perceptual_weight: float = 0.1
     perceptual_frames: int = 2          # frames per clip scored by LPIPS (0: every frame)
+    perceptual_start_step: int = 0
     commitment_weight: float = 0.25
     entropy_weight: float = 0.1
     entropy_start_multiplier: float = 3.0
@@ -64,6 +65,8 @@ class LossConfig:
                      "gan_weight", "r1_weight", "lecam_weight", "diversity_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss {name} must be >= 0, got {getattr(self, name)}")
+        if self.gan_start_step < 0 or self.perceptual_start_step < 0:
+            raise ValueError("loss gan_start_step and perceptual_start_step must be >= 0")
         if self.r1_every < 1:
             raise ValueError(f"loss r1_every must be >= 1, got {self.r1_every}")
         if self.perceptual_frames < 0:

@@ -5,8 +5,9 @@ optimizers, created sharded on the config's mesh), the jitted steps, and the loo
 NaN checks, checkpoints, resume).
 
 The generator and the discriminator update in the same jitted step (the discriminator sees the
-reconstruction the generator just produced). Before ``loss.gan_start_step`` a cheaper step without
-any discriminator work runs; the discriminator starts learning when the GAN term switches on.
+reconstruction the generator just produced). The adversarial and perceptual terms switch on at
+``loss.gan_start_step`` and ``loss.perceptual_start_step``; before that a cheaper program without
+them runs (each phase is compiled once), and the discriminator starts learning with the GAN term.
 """
 from __future__ import annotations
 
@@ -157,6 +158,7 @@ class StepConfig:
     loss: losses.LossConfig
     ema_decay: float
     with_gan: bool
+    with_perceptual: bool = True
 
 
 def train_step(graphdef, state, video_uint8, rng, lpips_params, *, cfg: StepConfig, lpips_apply=None):
@@ -166,7 +168,7 @@ def train_step(graphdef, state, video_uint8, rng, lpips_params, *, cfg: StepConf
     video = to_float_video(video_uint8)
     rng_frames = jax.random.fold_in(rng, step)
     lpips_fn = None
-    if lpips_apply is not None and cfg.loss.perceptual_weight > 0:
+    if lpips_apply is not None and cfg.loss.perceptual_weight > 0 and cfg.with_perceptual:
         lpips_fn = lambda x, y: lpips_apply(lpips_params, x, y)
     disc = models.discriminator if cfg.with_gan else None
 
@@ -240,14 +242,20 @@ class Trainer:
         _, state = nnx.split(models)
         self.state = jax.device_put(state, self.state_shardings)
 
-    def _step_config(self, with_gan: bool) -> StepConfig:
-        # The switch-on step is decided outside the step: leave it out of the compiled program's key.
-        loss = dataclasses.replace(self.loss_cfg, gan_start_step=0)
-        return StepConfig(loss=loss, ema_decay=self.config.train.ema_decay, with_gan=with_gan)
+    def phase(self, step: int) -> tuple[bool, bool]:
+        """(with_gan, with_perceptual) at ``step``: the terms switched on by then."""
+        return step >= self.loss_cfg.gan_start_step, step >= self.loss_cfg.perceptual_start_step
 
-    def step_function(self, with_gan: bool):
-        """The pure step ``(state, video_uint8, rng, lpips_params) -> (state, metrics)`` (not jitted)."""
-        cfg = self._step_config(with_gan)
+    def _step_config(self, phase: tuple[bool, bool]) -> StepConfig:
+        # Switch-on steps are decided outside the step: leave them out of the compiled program's key.
+        loss = dataclasses.replace(self.loss_cfg, gan_start_step=0, perceptual_start_step=0)
+        return StepConfig(loss=loss, ema_decay=self.config.train.ema_decay, with_gan=phase[0],
+                          with_perceptual=phase[1])
+
+    def step_function(self, phase: tuple[bool, bool]):
+        """The pure step ``(state, video_uint8, rng, lpips_params) -> (state, metrics)`` (not jitted)
+        for a phase ``(with_gan, with_perceptual)``."""
+        cfg = self._step_config(phase)
         return functools.partial(train_step, self.graphdef, cfg=cfg,
                                  lpips_apply=self.lpips.apply_fn if self.lpips else None)
 
@@ -255,23 +263,23 @@ class Trainer:
     def lpips_params(self):
         return self.lpips.params if self.lpips else None
 
-    def step_fn(self, with_gan: bool):
-        """The jitted step (the state is donated). Trainers of the same model, objective and mesh
-        share one compiled program (a resumed run in the same process does not recompile)."""
-        key = (self.graphdef, self._step_config(with_gan), self.lpips is not None, self.mesh, self.rules)
+    def step_fn(self, phase: tuple[bool, bool]):
+        """The jitted step of a phase (the state is donated). Trainers of the same model, objective
+        and mesh share one compiled program (a resumed run in the same process does not recompile)."""
+        key = (self.graphdef, self._step_config(phase), self.lpips is not None, self.mesh, self.rules)
         if key not in _STEP_CACHE:
             batch_sharding = parallel.batch_sharding(self.mesh, self.rules, 5)
             _STEP_CACHE[key] = jax.jit(
-                self.step_function(with_gan), in_shardings=(self.state_shardings, batch_sharding, None, None),
+                self.step_function(phase), in_shardings=(self.state_shardings, batch_sharding, None, None),
                 out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         return _STEP_CACHE[key]
 
     def train_step(self, video_uint8, rng):
         """Runs one step on a host batch; returns the metrics (device arrays)."""
-        with_gan = self.step >= self.loss_cfg.gan_start_step
+        phase = self.phase(self.step)
         with parallel.use_mesh(self.mesh, self.rules):
             video = jax.device_put(np.asarray(video_uint8), parallel.batch_sharding(self.mesh, self.rules, 5))
-            self.state, metrics = self.step_fn(with_gan)(self.state, video, rng, self.lpips_params)
+            self.state, metrics = self.step_fn(phase)(self.state, video, rng, self.lpips_params)
         return metrics
 
 
@@ -294,10 +302,14 @@ def _host_metrics(metrics) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+@nnx.jit
+def _reconstruct(tokenizer, videos_uint8):
+    return tokenizer(to_float_video(videos_uint8))[0]
+
+
 def log_reconstructions(trainer: Trainer, log: runlog.RunLog, step: int, videos: np.ndarray) -> None:
     """Logs originals next to EMA reconstructions of a fixed validation batch."""
-    tokenizer = trainer.models().ema
-    recon = nnx.jit(lambda m, v: m(to_float_video(v))[0])(tokenizer, jnp.asarray(videos))
+    recon = _reconstruct(trainer.models().ema, jnp.asarray(videos))
     side_by_side = np.concatenate([videos, to_uint8_video(recon)], axis=3)
     log.video(step, "reconstruction", side_by_side, fps=trainer.config.data.fps)
 
