@@ -2,8 +2,8 @@
 
 Encode (video -> tokens), decode (tokens -> video) and one training step of the configured
 objective, on random clips of ``config.data`` size in batches of ``config.bench.batch_size``.
-FLOPs are the convolution and matmul FLOPs of the traced programs (``flops.py``; forward and
-backward for training), the convention of the PyTorch peer; achieved GFLOP/s are compared with the
+FLOPs are the convolution and matmul FLOPs of the traced programs (``videolm.benchmark.count_flops``;
+forward and backward for training), the convention of the PyTorch peer; achieved GFLOP/s are compared with the
 f32 matmul peak measured in the same process before and after.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokenizers.magvit import flops
 from tokenizers.magvit.model import create, tokenizer_from_config
 from tokenizers.magvit.train import Trainer
 from videolm import benchmark, configlib
@@ -51,8 +50,8 @@ def bench(config=None) -> dict:
         decode = lambda p, t: nnx.merge(graphdef, p).decode_tokens(t)
         encode_jit, decode_jit = jax.jit(encode), jax.jit(decode)
         tokens = encode_jit(params, video)
-        encode_flops = flops.count_flops(encode, params, video)
-        decode_flops = flops.count_flops(decode, params, tokens)
+        encode_flops = benchmark.count_flops(encode, params, video)
+        decode_flops = benchmark.count_flops(decode, params, tokens)
         t_enc = benchmark.time_fn(lambda: encode_jit(params, video), **timing)["median_s"]
         t_dec = benchmark.time_fn(lambda: decode_jit(params, tokens), **timing)["median_s"]
         del tokenizer, params
@@ -65,7 +64,7 @@ def bench(config=None) -> dict:
         trainer = Trainer(train_config, mesh=None)
         key = jax.random.key(0)
         phase = trainer.phase(trainer.step)
-        train_flops = flops.count_flops(trainer.step_function(phase), trainer.state, video_u8, key,
+        train_flops = benchmark.count_flops(trainer.step_function(phase), trainer.state, video_u8, key,
                                         trainer.lpips_params)
         t_train = benchmark.time_fn(lambda: trainer.train_step(video_u8, key)["loss"], **timing)["median_s"]
         num_params = sum(x.size for x in jax.tree.leaves(nnx.state(trainer.models().tokenizer, nnx.Param)))
