@@ -10,8 +10,6 @@ same process before and after.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,51 +18,7 @@ from flax import nnx
 from tokenizers.soundstream import train as ss_train
 from tokenizers.soundstream.model import build_codec
 from videolm import benchmark, parallel
-
-# ----------------------------------------------------------------------------- FLOP counting
-
-
-def _conv_flops(eqn) -> float:
-    rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
-    dn = eqn.params["dimension_numbers"]
-    kernel_spatial = math.prod(rhs.shape[i] for i in dn.rhs_spec[2:])
-    in_per_group = rhs.shape[dn.rhs_spec[1]]
-    zeros = math.prod(eqn.params.get("lhs_dilation") or (1,))
-    return 2.0 * math.prod(out.shape) * kernel_spatial * in_per_group / zeros
-
-
-def _dot_flops(eqn) -> float:
-    lhs = eqn.invars[0].aval
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    k = math.prod(lhs.shape[i] for i in contract)
-    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
-
-
-def jaxpr_flops(jaxpr) -> float:
-    """Convolution and matmul FLOPs of a (closed) jaxpr, see the module docstring."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        elif name == "dot_general":
-            total += _dot_flops(eqn)
-        elif name == "cond":
-            total += max(jaxpr_flops(b) for b in eqn.params["branches"])
-        elif name == "scan":
-            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
-        else:
-            for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "body_jaxpr"):
-                sub = eqn.params.get(key)
-                if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-                    total += jaxpr_flops(sub)
-    return total
-
-
-def count_flops(fn, *args) -> float:
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args))
-
+from videolm.benchmark import count_flops
 
 # ----------------------------------------------------------------------------- inputs
 
