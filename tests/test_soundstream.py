@@ -21,6 +21,9 @@ def codec():
     def build():
         model = SoundStream(channels=2, latent_dim=8, strides=STRIDES, num_levels=3, codebook_size=16,
                             rngs=nnx.Rngs(0))
+        # The decoder head starts at zero (silent); give it the non-zero weights of a trained one.
+        head = model.decoder.head.conv.kernel
+        head[...] = 0.3 * jax.random.normal(jax.random.key(5), head.shape)
         model.quantizer.initialize(model.encoder(audio), jax.random.key(1))
         return model
 
@@ -61,11 +64,12 @@ def test_decoder_is_causal(decode_fn):
     assert np.abs(ax[:, j * HOP:] - aw[:, j * HOP:]).max() > 0
 
 
-@pytest.mark.parametrize("size", ["tiny", "paper"])
-def test_frame_counts_and_shapes_follow_the_config(size):
+@pytest.mark.parametrize("size,hop", [("tiny", 320), ("paper", 320)])
+def test_frame_counts_and_shapes_follow_the_config(size, hop):
     config = configlib.load_config(f"configs/tokenizer_audio.py:{size}")
     m = config.model
     samples = 34000                          # 2.125 s at 16 kHz
+    frames = samples // hop
     spec = jax.ShapeDtypeStruct((2, samples), jnp.float32)
 
     def run(x):
@@ -74,10 +78,10 @@ def test_frame_counts_and_shapes_follow_the_config(size):
         return model.hop, model.encoder(x), codes, model.decode(codes)
 
     latents, codes, audio = jax.eval_shape(lambda x: run(x)[1:], spec)
-    assert nnx.eval_shape(lambda: build_codec(m, rngs=nnx.Rngs(0))).hop == 320
-    assert latents.shape == (2, 106, m.latent_dim)
-    assert codes.shape == (2, 106, m.num_levels) and codes.dtype == jnp.int32
-    assert audio.shape == (2, 106 * 320)
+    assert nnx.eval_shape(lambda: build_codec(m, rngs=nnx.Rngs(0))).hop == hop
+    assert latents.shape == (2, frames, m.latent_dim)
+    assert codes.shape == (2, frames, m.num_levels) and codes.dtype == jnp.int32
+    assert audio.shape == (2, frames * hop)
     if size == "paper":
         assert (m.num_levels, m.codebook_size, config.data.world.sample_rate) == (4, 1024, 16000)
 
@@ -165,3 +169,28 @@ def test_api_encode_decode_and_levels(codec):
         tok.decode(np.full((2, 3), 16, np.int32))
     with pytest.raises(ValueError, match="shorter than one hop"):
         tok.encode(np.zeros(100, np.float32))
+
+
+def test_decoder_starts_silent_and_the_waveform_term_moves_it():
+    """The head starts at zero; at exactly zero output |STFT| is flat, so the spectral loss alone
+    gives the head no gradient and a mel-only codec stays silent. The L2 term the tiny configs
+    carry does give one."""
+    model = SoundStream(channels=2, latent_dim=8, strides=STRIDES, num_levels=2, codebook_size=16,
+                        rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    t = np.arange(4 * HOP) / 16000
+    audio = jnp.asarray(0.25 * np.sin(2 * np.pi * 440 * t)[None], jnp.float32)
+
+    def losses_of(params):
+        m = nnx.merge(graphdef, params, rest)
+        y = m.decoder(m.encoder(audio))
+        mel = losses.multiscale_mel_loss(audio, y, sample_rate=16000, scales=(64, 256))
+        return mel, jnp.mean(jnp.square(y - audio)), y
+
+    _, _, y = jax.jit(losses_of)(params)
+    assert float(jnp.abs(y).max()) == 0.0
+    head = lambda g: np.asarray(g["decoder"]["head"]["conv"]["kernel"][...])
+    mel_grad, l2_grad = jax.jit(lambda p: (jax.grad(lambda q: losses_of(q)[0])(p),
+                                           jax.grad(lambda q: losses_of(q)[1])(p)))(params)
+    assert np.all(np.isfinite(head(mel_grad))) and np.abs(head(mel_grad)).max() == 0.0
+    assert np.abs(head(l2_grad)).max() > 0

@@ -156,7 +156,10 @@ class Decoder(nnx.Module):
         self.stem = CausalConv1d(latent_dim, top, 7, rngs=rngs)
         self.blocks = nnx.List([DecoderBlock(top // 2 ** i, s, rngs=rngs)
                                 for i, s in enumerate(reversed(self.strides))])
-        self.head = CausalConv1d(channels, 1, 7, rngs=rngs)
+        # Starts silent: the first updates fit a read-out of the features instead of unlearning
+        # noise. (Needs a waveform term in the loss: at exactly 0 the spectral losses have no
+        # gradient, |STFT| being flat there.)
+        self.head = CausalConv1d(channels, 1, 7, init_scale=0.0, rngs=rngs)
 
     def __call__(self, latents: jax.Array) -> jax.Array:
         x = self.stem(latents)

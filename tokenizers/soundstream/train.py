@@ -7,8 +7,9 @@ One step on a batch of random crops ``x`` [B, crop]:
 
 0. For the first ``model.quantizer_warmup_steps`` steps the codec trains as a plain autoencoder
    (the decoder reads the latents unquantised, the codebooks stay put); then k-means initialises
-   the RVQ codebooks on the encoder's latents of the first quantised batch (``make_codebook_init``),
-   so the codes start where the trained latents are rather than where random ones were.
+   the RVQ codebooks on the encoder's latents of the first quantised batch and the next
+   ``model.kmeans_batches - 1`` ones (``make_codebook_init``; one batch has too few frames per
+   code), so the codes start where the trained latents are rather than where random ones were.
 1. generator: ``z = enc(x)``; quantise with a random
    number of levels per example (quantizer dropout); ``y = dec(zq)``; loss = mel * multi-scale
    mel loss + l2 * waveform MSE + commitment * commitment loss + adversarial * hinge G loss +
@@ -94,6 +95,14 @@ def validate_config(config) -> None:
     for name in ("num_steps", "log_every", "checkpoint_every"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    # The EMA count of a code is its average number of assignments per step; with N frames per
+    # step and K codes a code in average use has N / K. A threshold near that restarts codes in
+    # ordinary use every step (codebook churn) instead of the ones that went unused.
+    mean_count = d.batch_size * (d.crop_samples // hop) / m.codebook_size
+    if m.dead_code_threshold > 0.5 * mean_count:
+        raise ValueError(f"model.dead_code_threshold={m.dead_code_threshold} must be at most half the average "
+                         f"EMA count of a code, {mean_count:.3g} (= data.batch_size * crop_samples / hop / "
+                         f"codebook_size): codes in ordinary use would be restarted")
     if max(config.loss.mel_scales) > d.crop_samples:
         raise ValueError(f"loss.mel_scales up to {max(config.loss.mel_scales)} exceed data.crop_samples "
                          f"{d.crop_samples}")
@@ -109,14 +118,29 @@ def world_config(data_config) -> WorldConfig:
 
 
 class RandomAudioCrop(grain.transforms.RandomMap):
-    """Keeps only ``audio``, cut to a random window of ``crop_samples`` (deterministic per seed)."""
+    """Keeps only ``audio``, cut to a random window of ``crop_samples`` (deterministic per seed).
 
-    def __init__(self, crop_samples: int):
+    With probability ``transient_fraction`` the window is placed around a random transient (a
+    sample whose first difference exceeds ``transient_threshold``: SoundShapes' clicks, which are
+    ~0.1% of the audio and so almost never seen in uniform crops), when the clip has one.
+    """
+
+    def __init__(self, crop_samples: int, transient_fraction: float = 0.0, transient_threshold: float = 0.25):
         self.crop_samples = crop_samples
+        self.transient_fraction = transient_fraction
+        self.transient_threshold = transient_threshold
 
     def random_map(self, element, rng: np.random.Generator):
         audio = np.asarray(element["audio"], np.float32)
-        start = int(rng.integers(0, audio.shape[0] - self.crop_samples + 1))
+        last = audio.shape[0] - self.crop_samples
+        start = int(rng.integers(0, last + 1))
+        if self.transient_fraction > 0 and rng.random() < self.transient_fraction:
+            transients = np.flatnonzero(np.abs(np.diff(audio)) > self.transient_threshold)
+            if transients.size:
+                at = int(transients[rng.integers(transients.size)])
+                # the transient anywhere in the window but its last eighth (its decay stays inside)
+                lo, hi = at - self.crop_samples * 7 // 8, at
+                start = int(np.clip(rng.integers(lo, hi + 1), 0, last))
         return {"audio": audio[start:start + self.crop_samples]}
 
 
@@ -129,7 +153,7 @@ def train_iterator(config):
     d = config.data
     source = audio_source(d, "train", d.num_train_examples)
     return make_iterator(source, batch_size=d.batch_size // jax.process_count(), seed=config.seed,
-                         transform=RandomAudioCrop(d.crop_samples))
+                         transform=RandomAudioCrop(d.crop_samples, d.get("transient_fraction", 0.0)))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -334,7 +358,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = parallel.shard_batch(next(data), mesh, rules)
             with parallel.use_mesh(mesh, rules):
                 if step == config.model.quantizer_warmup_steps:
-                    state = jitted_codebook_init(config, graphdef, state, mesh)(state, batch["audio"])
+                    init_audio = jnp.concatenate(
+                        [batch["audio"]] + [parallel.shard_batch(next(data), mesh, rules)["audio"]
+                                            for _ in range(config.model.get("kmeans_batches", 1) - 1)])
+                    state = jitted_codebook_init(config, graphdef, state, mesh)(state, init_audio)
                 state, metrics = step_fn(state, batch["audio"], jnp.int32(step))
             step += 1
             log.advance()
