@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from tokenizers.soundstream import discriminators, losses
+from tokenizers.soundstream import train as ss_train
 from tokenizers.soundstream.api import AudioTokenizer
 from tokenizers.soundstream.model import CausalUpsample, SoundStream, build_codec
 from videolm import configlib, parallel
@@ -64,7 +65,7 @@ def test_decoder_is_causal(decode_fn):
     assert np.abs(ax[:, j * HOP:] - aw[:, j * HOP:]).max() > 0
 
 
-@pytest.mark.parametrize("size,hop", [("tiny", 320), ("paper", 320)])
+@pytest.mark.parametrize("size,hop", [("tiny", 320), ("demo", 640), ("paper", 320)])
 def test_frame_counts_and_shapes_follow_the_config(size, hop):
     config = configlib.load_config(f"configs/tokenizer_audio.py:{size}")
     m = config.model
@@ -84,6 +85,17 @@ def test_frame_counts_and_shapes_follow_the_config(size, hop):
     assert audio.shape == (2, frames * hop)
     if size == "paper":
         assert (m.num_levels, m.codebook_size, config.data.world.sample_rate) == (4, 1024, 16000)
+
+
+def test_demo_config_gives_about_a_hundred_tokens_per_clip():
+    """The CPU demo's LM reads 53 frames x 2 levels = 106 audio tokens per 2.125 s clip."""
+    config = configlib.load_config("configs/tokenizer_audio.py:demo")
+    m = config.model
+    codec = nnx.eval_shape(lambda: build_codec(m, rngs=nnx.Rngs(0)))
+    frames = ss_train.world_config(config.data).num_samples // codec.hop
+    assert (frames, m.num_levels) == (53, 2) and 100 <= frames * m.num_levels <= 130
+    assert not ss_train.uses_discriminator(config.loss)
+    ss_train.validate_config(config)
 
 
 def test_causal_upsample_is_a_cropped_transposed_convolution():
