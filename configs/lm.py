@@ -37,7 +37,7 @@ LOGICAL_AXIS_RULES = (
 
 # name: (width, depth, heads, kv_heads, mlp_dim, mesh)
 SIZES = {
-    "tiny": (128, 2, 4, 2, 512, dict(data=-1, fsdp=1, tensor=1)),
+    "tiny": (128, 3, 4, 2, 384, dict(data=-1, fsdp=1, tensor=1)),
     "bench": (512, 8, 8, 8, 2048, dict(data=1, fsdp=1, tensor=1)),
     "300m": (1024, 24, 16, 16, 2816, dict(data=-1, fsdp=8, tensor=1)),
     "1b": (2048, 20, 16, 16, 5632, dict(data=-1, fsdp=16, tensor=1)),
@@ -78,7 +78,7 @@ def get_config(arg=None):
     # <boa_o> audio <eoa_o> <eos>, where the video moves the image and the audio follows the text.
     # Sequence lengths are rounded up to length_multiple: fewer distinct shapes to compile.
     config.data = ml_collections.ConfigDict(dict(
-        dataset="tokens", tokens_dir="", batch_size=16, length_multiple=16,
+        dataset="tokens", tokens_dir="", batch_size=8, length_multiple=16,
         num_examples=50_000, eval_examples=512, text_len=8, image_tokens=16, video_frames=4, audio_frames=6,
         image_codes=32))
     # The task mixture (videolm/mixture.py): relative weights within the image tasks and within the
@@ -93,12 +93,12 @@ def get_config(arg=None):
     config.tasks = ml_collections.ConfigDict(dict(
         max_text_len=32, res_token=0, min_context_frames=1, stylize_first_frame_prob=0.5))
     config.train = ml_collections.ConfigDict(dict(
-        num_steps=600, log_every=25, checkpoint_every=200, eval_every=200, keep_checkpoints=2,
+        num_steps=500, log_every=25, checkpoint_every=250, eval_every=250, keep_checkpoints=2,
         learning_rate=3e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, z_loss=1e-4, loss_chunk_size=0,
         time_limit_s=0.0))  # > 0: stop (evaluate and checkpoint) after this many seconds of training
     # Validation: num_batches batches of batch_size per task of the mixture (of the synthetic set).
-    config.eval = ml_collections.ConfigDict(dict(num_batches=2, batch_size=16))
+    config.eval = ml_collections.ConfigDict(dict(num_batches=1, batch_size=16))
     # `videolm bench lm`: one timed training step of this shape on random tokens.
     config.bench = ml_collections.ConfigDict(dict(batch_size=8, seq_len=512, prefix_len=128, steps=5, warmup=2))
 

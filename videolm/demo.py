@@ -125,16 +125,16 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Sizes and configs of each profile. Config overrides are `--config.` paths (see configlib).
 PROFILES = {
     "full": dict(
-        resolution=64, num_frames=17, num_train=1024, num_validation=64, num_test=32, num_compositional=32,
+        resolution=64, num_frames=17, num_train=512, num_validation=64, num_test=32, num_compositional=32,
         video_tokenizer="tokenizer_video.py:demo", video_overrides=(),
         audio_tokenizer="tokenizer_audio.py:demo", audio_overrides=(),
-        lm="lm.py:tiny", lm_overrides=(),
+        lm="lm.py:tiny", lm_overrides=("train.time_limit_s=480",),
         tokenize_overrides=("shard_size=512", "batch_size=32"),
         temperature=1.0, top_k=0, guidance=2.0),
     "smoke": dict(
         resolution=32, num_frames=9, num_train=16, num_validation=8, num_test=3, num_compositional=2,
         video_tokenizer="tokenizer_video.py:tiny",
-        video_overrides=("model.base_channels=8", "model.num_groups=8", "train.num_steps=2", "train.log_every=1",
+        video_overrides=("model.base_channels=8", "train.num_steps=2", "train.log_every=1",
                          "train.checkpoint_every=2", "train.video_every=0", "loss.perceptual_weight=0.0",
                          "data.batch_size=8", "train.crop_size=0", "train.crop_frames=0"),
         audio_tokenizer="tokenizer_audio.py:tiny",
@@ -282,7 +282,8 @@ def run_demo(out_dir: str = "demo_out", *, profile: str = "full", num_shown: int
             clips, world = _load_clips(data_dir, split)
             start = time.perf_counter()
             scores, outputs = task_eval.run_tasks(generator, world, clips, task_names, cfg,
-                                                  guidance={t: p["guidance"] for t in task_names})
+                                                  guidance={t: p["guidance"] for t in task_names},
+                                                  sound_for=num_shown)
             os.makedirs(os.path.join(outputs_dir, split), exist_ok=True)
             for task, outs in outputs.items():
                 _save_outputs(os.path.join(outputs_dir, split, f"{task}.npz"), outs[:num_shown])

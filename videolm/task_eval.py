@@ -128,14 +128,24 @@ def reconstruction_scores(generator: Generator, world, clips: list[dict]) -> dic
 
 
 def run_tasks(generator: Generator, world, clips: list[dict], task_names, sampling_config, *,
-              guidance: dict[str, float] | None = None) -> tuple[dict, dict]:
-    """(scores by task, outputs by task) of every task prompted on every clip."""
+              guidance: dict[str, float] | None = None, sound_for: int | None = None) -> tuple[dict, dict]:
+    """(scores by task, outputs by task) of every task prompted on every clip.
+
+    Video outputs without generated sound get the video-to-audio task's sound: all of them, or
+    the first ``sound_for`` (those shown) when given.
+    """
     scores, outputs = {}, {}
     for task in task_names:
         tasks.get_task(task)
         cfg = dataclasses.replace(sampling_config, guidance_scale=(guidance or {}).get(task, 1.0)
                                   if tasks.get_task(task).has_text else 1.0)
-        outs = generator.generate(task, [prompt_inputs(task, c) for c in clips], sampling_config=cfg)
+        outs = generator.generate(task, [prompt_inputs(task, c) for c in clips], sampling_config=cfg,
+                                  add_audio=sound_for is None)
+        silent = [o for o in outs[:sound_for] if o.audio is None and not o.is_image] if sound_for else []
+        if silent:
+            sounds = generator.generate("v2a", [Inputs(video=o.video) for o in silent], sampling_config=sampling_config)
+            for o, sound in zip(silent, sounds):
+                o.audio = sound.audio
         outputs[task] = outs
         scores[task] = score_task(task, world, clips, outs)
     return scores, outputs
