@@ -291,13 +291,18 @@ class Generator:
             if task == "a2v":
                 out.audio = given.audio
         if add_audio:
-            silent = [o for o in outputs if o.video is not None and o.audio is None and not o.is_image]
-            if silent:
-                sounds = self.generate("v2a", [Inputs(video=o.video) for o in silent], sampling_config=sampling_config,
-                                       add_audio=False, batch_size=batch_size)
-                for o, s in zip(silent, sounds):
-                    o.audio = s.audio
+            self.add_sound(outputs, sampling_config, batch_size=batch_size)
         return outputs
+
+    def add_sound(self, outputs: Sequence[Output], sampling_config: sampling.SamplingConfig, *,
+                  batch_size: int = 64) -> None:
+        """Gives the video outputs without sound the video-to-audio task's sound (in place, one batch)."""
+        silent = [o for o in outputs if o.video is not None and o.audio is None and not o.is_image]
+        if silent:
+            sounds = self.generate("v2a", [Inputs(video=o.video) for o in silent], sampling_config=sampling_config,
+                                   add_audio=False, batch_size=batch_size)
+            for o, sound in zip(silent, sounds):
+                o.audio = sound.audio
 
     def extend(self, video: np.ndarray, seconds: float, *, sampling_config: sampling.SamplingConfig,
                context_seconds: float = 1.0) -> np.ndarray:
@@ -418,14 +423,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _long_audio(generator: Generator, video: np.ndarray, config: sampling.SamplingConfig) -> np.ndarray:
-    """Sound for a long video: video-to-audio on each clip-long window, concatenated."""
-    n = generator.world.num_frames
-    pieces = []
+    """Sound for a long video: video-to-audio on each clip-long window (one batch), concatenated."""
+    n, world = generator.world.num_frames, generator.world
+    windows, lengths = [], []
     for start in range(0, video.shape[0], n):
         window = video[start:start + n]
-        frames = window.shape[0]
-        if frames < n:
-            window = np.concatenate([window, np.repeat(window[-1:], n - frames, 0)])
-        sound = generator.generate("v2a", [Inputs(video=window)], sampling_config=config, add_audio=False)[0].audio
-        pieces.append(sound[: int(round(frames / generator.world.fps * generator.world.sample_rate))])
-    return np.concatenate(pieces)
+        lengths.append(int(round(window.shape[0] / world.fps * world.sample_rate)))
+        windows.append(np.concatenate([window, np.repeat(window[-1:], n - window.shape[0], 0)]))
+    sounds = generator.generate("v2a", [Inputs(video=w) for w in windows], sampling_config=config, add_audio=False)
+    return np.concatenate([s.audio[:length] for s, length in zip(sounds, lengths)])

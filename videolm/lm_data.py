@@ -99,10 +99,6 @@ def mixture_batches(config, layout) -> mixture.MixtureBatches:
         length_multiple=config.data.length_multiple)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def eval_sets(config, layout) -> dict[str, list[dict]]:
     """Validation batches by name: one set per task of the mixture (``'tokens'``), or ``'all'``.
 
@@ -125,7 +121,7 @@ def eval_sets(config, layout) -> dict[str, list[dict]]:
     sets = {name: list(mixture.task_batches(valid, name, layout, batch_size=config.eval.batch_size, seed=config.seed,
                                             options=options, max_examples=max_examples))
             for name in eval_task_names(config)}
-    length = _round_up(max(b["tokens"].shape[1] for batches in sets.values() for b in batches),
+    length = mixture.round_up(max(b["tokens"].shape[1] for batches in sets.values() for b in batches),
                        config.data.length_multiple)
     return {name: [{k: v[rows] for k, v in _pad_to(b, length, layout.pad_id).items()} for b in batches]
             for name, batches in sets.items()}

@@ -161,9 +161,13 @@ class MixtureBatches:
                                              condition=condition))
         # Lengths rounded up to a multiple bound the number of distinct shapes (compiled steps).
         length = max(len(s) for s in sequences)
-        batch = pad_batch(sequences, self.layout.pad_id, length=-(-length // self.length_multiple) * self.length_multiple)
+        batch = pad_batch(sequences, self.layout.pad_id, length=round_up(length, self.length_multiple))
         batch["task_id"] = np.full((len(sequences),), self.task_names.index(task), np.int32)
         return batch
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def pad_batch(sequences: Seq[tasks_lib.Sequence], pad_id: int, length: int | None = None) -> dict:

@@ -73,11 +73,10 @@ def _colour_shape(world, clips, frames) -> dict:
         return float(seen == want)
 
     analyses = [world_eval.analyze_video(f, world) for f in frames]
-    n = len(clips)
-    shift = 1 + int(np.random.default_rng(0).integers(n - 1)) if n > 1 else 0
     out = {"colour_shape_kept": float(np.mean([kept(a, c) for a, c in zip(analyses, clips)]))}
-    if n > 1:
-        out["shuffled"] = float(np.mean([kept(a, clips[(i + shift) % n]) for i, a in enumerate(analyses)]))
+    if len(clips) > 1:
+        pairs = metrics.shuffled_pairs(len(clips), seed=0)
+        out["shuffled"] = float(np.mean([kept(a, clips[pairs[i]]) for i, a in enumerate(analyses)]))
     return out
 
 
@@ -141,11 +140,8 @@ def run_tasks(generator: Generator, world, clips: list[dict], task_names, sampli
                                   if tasks.get_task(task).has_text else 1.0)
         outs = generator.generate(task, [prompt_inputs(task, c) for c in clips], sampling_config=cfg,
                                   add_audio=sound_for is None)
-        silent = [o for o in outs[:sound_for] if o.audio is None and not o.is_image] if sound_for else []
-        if silent:
-            sounds = generator.generate("v2a", [Inputs(video=o.video) for o in silent], sampling_config=sampling_config)
-            for o, sound in zip(silent, sounds):
-                o.audio = sound.audio
+        if sound_for:
+            generator.add_sound(outs[:sound_for], sampling_config)
         outputs[task] = outs
         scores[task] = score_task(task, world, clips, outs)
     return scores, outputs

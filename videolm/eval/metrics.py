@@ -211,6 +211,12 @@ def _audio_reference_scores(sound: audio_eval.AudioAnalysis, reference: dict) ->
 # ----------------------------------------------------------------------------- everything
 
 
+def shuffled_pairs(n: int, seed: int = 0) -> list[int]:
+    """The shuffled-pair baseline's partner of each of n clips: a fixed derangement (a cyclic shift)."""
+    shift = 1 + int(np.random.default_rng(seed).integers(n - 1)) if n > 1 else 0
+    return [(i + shift) % n for i in range(n)]
+
+
 def score_clips(config: soundshapes.WorldConfig, videos=None, audios=None, captions=None,
                 references=None, shuffle_seed: int = 0) -> dict:
     """Scores n clips. Any of videos (uint8 [T, H, W, 3] each), audios (float [S] each), captions
@@ -229,8 +235,7 @@ def score_clips(config: soundshapes.WorldConfig, videos=None, audios=None, capti
         raise ValueError(f'score_clips: videos/audios/captions/references must have equal '
                          f'lengths, got {[len(x) for x in given]}')
     config.validate()
-    shift = 1 + int(np.random.default_rng(shuffle_seed).integers(n - 1)) if n > 1 else 0
-    shuffled = [(i + shift) % n for i in range(n)]
+    shuffled = shuffled_pairs(n, shuffle_seed)
     out: dict = {'num_clips': n}
 
     seen = [world.analyze_video(v, config) for v in videos] if videos is not None else None
