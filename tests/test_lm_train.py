@@ -1,8 +1,6 @@
 """LM training loop: synthetic data layout, resume with identical losses, layout mismatch refused."""
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from videolm import configlib, runlog
 from videolm.lm_data import SyntheticSequences, vocab_layout
@@ -23,22 +21,7 @@ def _config(*extra):
 
 
 @pytest.fixture(scope="module")
-def compile_once(tmp_path_factory):
-    """A persistent compilation cache for this module: the three runs below compile the same steps."""
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                                 "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-    compilation_cache.reset_cache()
-    yield
-    for key, value in saved.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, compile_once):
+def runs(tmp_path_factory):
     """An uninterrupted run, and a run interrupted after step 2 then resumed (8 data-parallel devices)."""
     root = tmp_path_factory.mktemp("lm")
     config = _config()
