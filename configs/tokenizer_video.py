@@ -145,6 +145,12 @@ def get_config(arg=None):
                            read_threads=16)
         config.eval.update(num_examples=10000, batch_size=32)
         config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    elif base == "tiny":
+        # No GAN within its 15 minutes, so Adam keeps its momentum; the paper's entropy weight 0.1
+        # held colours back in short runs (see the demo variant). 15-minute run, idle 2-core CPU:
+        # validation PSNR 22.6 dB, codebook usage 0.93, colour of reconstructions read back 1.0.
+        config.lfq.update(entropy_weight=0.02)
+        config.train.update(b1=0.9)
     elif base == "demo":
         # Measured on the idle 2-core CPU (200 s runs scored by the world evaluator on 32 validation
         # clips): random 32x32 crops at batch 8 give 2.5x the steps of full frames at batch 4 and
