@@ -146,6 +146,25 @@ def test_mel_loss_zero_on_identity_and_floor_ignores_quiet_noise():
         losses.multiscale_mel_loss(x, y[:, :-1], **kwargs)
 
 
+def test_mel_counts_per_scale():
+    scales = (64, 256, 1024)
+    assert losses.mels_per_scale(scales, 32) == (32, 32, 32)
+    assert losses.mels_per_scale(scales, [10, 40, 160]) == (10, 40, 160)
+    with pytest.raises(ValueError, match="one per mel scale"):
+        losses.mels_per_scale(scales, (10, 40))
+    t = np.arange(4096) / 16000
+    x = jnp.asarray(0.3 * np.sin(2 * np.pi * 440 * t)[None], jnp.float32)
+    y = jnp.asarray(0.3 * np.sin(2 * np.pi * 470 * t)[None], jnp.float32)
+    kwargs = dict(sample_rate=16000, scales=scales, num_mels=(10, 40, 160))
+    assert float(losses.multiscale_mel_loss(x, x, **kwargs)) == 0.0
+    # Each scale is scored with its own mel count: the loss is the mean of the one-scale losses.
+    each = [float(losses.multiscale_mel_loss(x, y, sample_rate=16000, scales=(n,), num_mels=m))
+            for n, m in zip(scales, (10, 40, 160))]
+    np.testing.assert_allclose(float(losses.multiscale_mel_loss(x, y, **kwargs)), np.mean(each), rtol=1e-5)
+    assert len(set(np.round(each, 6))) == 3
+    assert float(losses.multiscale_mel_loss(x, y, **dict(kwargs, num_mels=160))) != np.mean(each)
+
+
 def test_discriminators_give_logits_and_features():
     d = parallel.init_jitted(lambda: discriminators.Discriminators(
         stft_channels=4, stft_n_fft=128, stft_hop=32, stft_channel_mults=(1, 2), wave_scales=2,

@@ -25,7 +25,7 @@ def tiny_test_config():
                    kmeans_batches=2, dead_code_threshold=0.1, quantizer_warmup_steps=0)
     c.discriminator.update(stft_channels=2, stft_n_fft=128, stft_hop=64, stft_channel_mults=(1,),
                            wave_scales=1, wave_channels=4, wave_downsamples=1, wave_max_channels=8)
-    c.loss.update(mel_scales=(64, 256), num_mels=16, adversarial_weight=0.1, feature_matching_weight=1.0,
+    c.loss.update(mel_scales=(64, 256), num_mels=(16, 16), adversarial_weight=0.1, feature_matching_weight=1.0,
                   adversarial_start_step=2)
     c.data.update(num_train_examples=64, batch_size=8, crop_samples=1280)
     c.train.update(num_steps=STEPS, log_every=1, checkpoint_every=3, keep_checkpoints=3,

@@ -13,6 +13,8 @@ sides divisible by the spatial downsampling.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 
@@ -53,6 +55,18 @@ def load_tokenizer_params(workdir: str, *, use_ema: bool = True, step: int | Non
     return config, nnx.state(models.ema if use_ema else models.tokenizer, nnx.Param)
 
 
+# Module-level programs keyed by the (hashable) graph definition: every tokenizer of the same
+# architecture in a process shares one compiled encoder and decoder per input shape.
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _tokenize(graphdef, state, video):
+    return nnx.merge(graphdef, state).tokenize(video)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_tokens(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).decode_tokens(tokens)
+
+
 class VideoTokenizer:
     """Encode videos/images to LFQ tokens and decode tokens to videos."""
 
@@ -64,9 +78,6 @@ class VideoTokenizer:
         self._graphdef, self._state = nnx.split(tokenizer)
         self.codebook_bits = tokenizer.codebook_bits
         self.temporal_downsample = tokenizer.temporal_downsample
-        graphdef = self._graphdef
-        self._encode = jax.jit(lambda state, video: nnx.merge(graphdef, state).tokenize(video))
-        self._decode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).decode_tokens(tokens))
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, step: int | None = None) -> "VideoTokenizer":
@@ -107,7 +118,7 @@ class VideoTokenizer:
         if videos.ndim != 5 or videos.shape[-1] != 3:
             raise ValueError(f"expected videos [B, T, H, W, 3] or images [B, H, W, 3], got {videos.shape}")
         model_lib.check_video_shape(*videos.shape[1:4], self.temporal_downsample)
-        return np.asarray(self._encode(self._state, videos))
+        return np.asarray(_tokenize(self._graphdef, self._state, videos))
 
     def encode(self, video_or_image) -> np.ndarray:
         """[T, H, W, 3] video or [H, W, 3] image -> int32 tokens [t, h, w] (t = 1 for an image)."""
@@ -123,7 +134,7 @@ class VideoTokenizer:
             raise ValueError(f"expected integer tokens [B, t, h, w], got {tokens.dtype} {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-        video = jnp.clip(self._decode(self._state, jnp.asarray(tokens, jnp.int32)), -1.0, 1.0)
+        video = jnp.clip(_decode_tokens(self._graphdef, self._state, jnp.asarray(tokens, jnp.int32)), -1.0, 1.0)
         if as_float:
             return np.asarray(video)
         return np.asarray(jnp.round((video + 1.0) * 127.5)).astype(np.uint8)

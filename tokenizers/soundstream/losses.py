@@ -1,7 +1,7 @@
 """Spectral reconstruction losses for the audio codec.
 
 ``multiscale_mel_loss`` compares mel spectrograms at several window sizes (64 ... 2048 samples,
-hop = window / 4): an L1 term on mel magnitudes plus an L1 term on their log. The log term uses a
+hop = window / 4), with one mel count for all of them or one per window: an L1 term on mel magnitudes plus an L1 term on their log. The log term uses a
 *relative floor*: ``floor`` is ``floor_db`` (about -40 dB) under the loudest mel bin of the
 *original* clip at that scale and both spectrograms are compared as ``log(M + floor)``, so quiet
 background noise far under the floor cannot outweigh a wrong pitch, and silence is not scored in
@@ -73,6 +73,17 @@ def _floored_log(reference: jax.Array, *others: jax.Array, floor_db: float):
     return [jnp.log10(s + floor) for s in (reference,) + others]
 
 
+def mels_per_scale(scales: Sequence[int], num_mels) -> tuple[int, ...]:
+    """``num_mels`` (an int for every scale, or one per scale) as one count per scale."""
+    if isinstance(num_mels, int):
+        return (num_mels,) * len(scales)
+    counts = tuple(int(m) for m in num_mels)
+    if len(counts) != len(scales) or min(counts) < 1:
+        raise ValueError(f"num_mels {tuple(num_mels)}: expected a positive int or one per mel scale "
+                         f"{tuple(scales)}")
+    return counts
+
+
 def _check_pair(original, reconstruction):
     if original.shape != reconstruction.shape or original.ndim != 2:
         raise ValueError(f"expected two [batch, samples] waveforms of equal shape, got {original.shape} "
@@ -80,15 +91,16 @@ def _check_pair(original, reconstruction):
 
 
 def multiscale_mel_loss(original: jax.Array, reconstruction: jax.Array, *, sample_rate: int,
-                        scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), num_mels: int = 64,
-                        floor_db: float = -40.0, log_weight: float = 1.0) -> jax.Array:
+                        scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+                        num_mels: int | Sequence[int] = 64, floor_db: float = -40.0,
+                        log_weight: float = 1.0) -> jax.Array:
     """Mean over scales of ``mean|M - M_hat| + log_weight * mean|log10(M + f) - log10(M_hat + f)|``
     with ``f`` the floor relative to the original's maximum (see the module docstring)."""
     _check_pair(original, reconstruction)
     total = jnp.float32(0.0)
-    for n_fft in scales:
-        mel_true = mel_spectrogram(original, sample_rate, n_fft, num_mels)
-        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, num_mels)
+    for n_fft, mels in zip(scales, mels_per_scale(scales, num_mels)):
+        mel_true = mel_spectrogram(original, sample_rate, n_fft, mels)
+        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, mels)
         log_true, log_pred = _floored_log(mel_true, mel_pred, floor_db=floor_db)
         total = total + jnp.mean(jnp.abs(mel_true - mel_pred)) + log_weight * jnp.mean(
             jnp.abs(log_true - log_pred))
@@ -96,14 +108,14 @@ def multiscale_mel_loss(original: jax.Array, reconstruction: jax.Array, *, sampl
 
 
 def spectral_distance_db(original: jax.Array, reconstruction: jax.Array, *, sample_rate: int,
-                         scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), num_mels: int = 64,
-                         floor_db: float = -40.0) -> jax.Array:
+                         scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+                         num_mels: int | Sequence[int] = 64, floor_db: float = -40.0) -> jax.Array:
     """Per-example mean absolute log-mel difference in dB, averaged over scales: ``[B]``."""
     _check_pair(original, reconstruction)
     total = jnp.zeros((original.shape[0],), jnp.float32)
-    for n_fft in scales:
-        mel_true = mel_spectrogram(original, sample_rate, n_fft, num_mels)
-        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, num_mels)
+    for n_fft, mels in zip(scales, mels_per_scale(scales, num_mels)):
+        mel_true = mel_spectrogram(original, sample_rate, n_fft, mels)
+        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, mels)
         log_true, log_pred = _floored_log(mel_true, mel_pred, floor_db=floor_db)
         total = total + 20.0 * jnp.mean(jnp.abs(log_true - log_pred), axis=(1, 2))
     return total / len(scales)
