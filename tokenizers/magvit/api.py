@@ -14,7 +14,6 @@ sides divisible by the spatial downsampling.
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 

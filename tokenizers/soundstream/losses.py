@@ -1,7 +1,8 @@
 """Spectral reconstruction losses for the audio codec.
 
 ``multiscale_mel_loss`` compares mel spectrograms at several window sizes (64 ... 2048 samples,
-hop = window / 4), with one mel count for all of them or one per window: an L1 term on mel magnitudes plus an L1 term on their log. The log term uses a
+hop = window / 4; one mel count for all of them or one per window): an L1 term on mel magnitudes
+plus an L1 term on their log. The log term uses a
 *relative floor*: ``floor`` is ``floor_db`` (about -40 dB) under the loudest mel bin of the
 *original* clip at that scale and both spectrograms are compared as ``log(M + floor)``, so quiet
 background noise far under the floor cannot outweigh a wrong pitch, and silence is not scored in
@@ -90,18 +91,24 @@ def _check_pair(original, reconstruction):
                          f"and {reconstruction.shape}")
 
 
+def _scaled_mels(original, reconstruction, sample_rate, scales, num_mels, floor_db):
+    """Per scale: ``(mel_true, mel_pred, log_true, log_pred)`` with the relative floor."""
+    _check_pair(original, reconstruction)
+    for n_fft, mels in zip(scales, mels_per_scale(scales, num_mels)):
+        mel_true = mel_spectrogram(original, sample_rate, n_fft, mels)
+        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, mels)
+        yield (mel_true, mel_pred, *_floored_log(mel_true, mel_pred, floor_db=floor_db))
+
+
 def multiscale_mel_loss(original: jax.Array, reconstruction: jax.Array, *, sample_rate: int,
                         scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
                         num_mels: int | Sequence[int] = 64, floor_db: float = -40.0,
                         log_weight: float = 1.0) -> jax.Array:
     """Mean over scales of ``mean|M - M_hat| + log_weight * mean|log10(M + f) - log10(M_hat + f)|``
     with ``f`` the floor relative to the original's maximum (see the module docstring)."""
-    _check_pair(original, reconstruction)
     total = jnp.float32(0.0)
-    for n_fft, mels in zip(scales, mels_per_scale(scales, num_mels)):
-        mel_true = mel_spectrogram(original, sample_rate, n_fft, mels)
-        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, mels)
-        log_true, log_pred = _floored_log(mel_true, mel_pred, floor_db=floor_db)
+    for mel_true, mel_pred, log_true, log_pred in _scaled_mels(original, reconstruction, sample_rate,
+                                                               scales, num_mels, floor_db):
         total = total + jnp.mean(jnp.abs(mel_true - mel_pred)) + log_weight * jnp.mean(
             jnp.abs(log_true - log_pred))
     return total / len(scales)
@@ -111,11 +118,8 @@ def spectral_distance_db(original: jax.Array, reconstruction: jax.Array, *, samp
                          scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
                          num_mels: int | Sequence[int] = 64, floor_db: float = -40.0) -> jax.Array:
     """Per-example mean absolute log-mel difference in dB, averaged over scales: ``[B]``."""
-    _check_pair(original, reconstruction)
     total = jnp.zeros((original.shape[0],), jnp.float32)
-    for n_fft, mels in zip(scales, mels_per_scale(scales, num_mels)):
-        mel_true = mel_spectrogram(original, sample_rate, n_fft, mels)
-        mel_pred = mel_spectrogram(reconstruction, sample_rate, n_fft, mels)
-        log_true, log_pred = _floored_log(mel_true, mel_pred, floor_db=floor_db)
+    for _, _, log_true, log_pred in _scaled_mels(original, reconstruction, sample_rate, scales, num_mels,
+                                                 floor_db):
         total = total + 20.0 * jnp.mean(jnp.abs(log_true - log_pred), axis=(1, 2))
     return total / len(scales)

@@ -106,6 +106,7 @@ def validate_config(config) -> None:
     if max(config.loss.mel_scales) > d.crop_samples:
         raise ValueError(f"loss.mel_scales up to {max(config.loss.mel_scales)} exceed data.crop_samples "
                          f"{d.crop_samples}")
+    losses.mels_per_scale(config.loss.mel_scales, config.loss.num_mels)
 
 
 # ----------------------------------------------------------------------------- data
