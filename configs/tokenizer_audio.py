@@ -91,6 +91,14 @@ def get_config(arg=None):
         # band reaches only 2% of the original's peak in 600 steps, and a spectral (iSTFT) head,
         # Snake or LeakyReLU activations, pre-emphasised L2 or extra weight on the 64/128 windows
         # reached 1-7% (300-900 steps), none near the ~22% the onset detector needs.
+        # Where the click is lost (same overfit, 300 steps, scored only on crops that hold a click,
+        # where the kept codec reaches 0.1%): it passes when the latent rate is above twice its
+        # 3 kHz (hop 2: 78% of the original's peak) and not below it (hop 4: 3%; hop 8: 0.8%;
+        # hop 40 or 320: 0.1%), with the L2 term full-band or limited to < 2 kHz, and at hop 320
+        # also with a log-STFT input to the encoder and a band-noise output branch (0.2%). Above
+        # the latent's Nyquist rate the click must be synthesised from a code, and at that stage
+        # the tones still dominate the loss: a decoder perfect below 2 kHz would score mel 0.021,
+        # the overfit codec 0.05-0.06.
         c.loss.update(mel_scales=(64, 128, 256, 512, 1024, 2048), num_mels=(10, 20, 40, 80, 160, 320),
                       l2_weight=10.0,
                       commitment_weight=0.25, adversarial_weight=0.0, feature_matching_weight=0.0)
