@@ -126,9 +126,12 @@ def test_projected_text_embeddings_fill_the_placeholders():
     emb = rng.normal(size=(2, 3, 12)).astype(np.float32)
     graphdef, state = nnx.split(proj)
     out = np.asarray(jax.jit(lambda x, e: nnx.merge(graphdef, state)(x, tokens, e, placeholder))(x, emb))
-    projected = np.einsum("bnt,td->bnd", emb, np.asarray(proj.kernel[...]))
-    np.testing.assert_allclose(out[0, 2:5], projected[0], rtol=1e-6)
-    np.testing.assert_allclose(out[1, 2], projected[1, 0], rtol=1e-6)
+    # Reference in f64. The f32 projection sums 12 products of size ~1 in an order XLA picks, so it
+    # may differ from the exact value by a few ulps of those products (~1e-6 absolute); a wrong
+    # embedding in a slot would be off by ~1.
+    projected = np.einsum("bnt,td->bnd", emb.astype(np.float64), np.asarray(proj.kernel[...], np.float64))
+    np.testing.assert_allclose(out[0, 2:5], projected[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[1, 2], projected[1, 0], rtol=0, atol=1e-5)
     keep = tokens != placeholder
     np.testing.assert_array_equal(out[keep], x[keep])
     with pytest.raises(ValueError, match="at most 64"):
