@@ -96,9 +96,11 @@ def get_config(arg=None):
         # 3 kHz (hop 2: 78% of the original's peak) and not below it (hop 4: 3%; hop 8: 0.8%;
         # hop 40 or 320: 0.1%), with the L2 term full-band or limited to < 2 kHz, and at hop 320
         # also with a log-STFT input to the encoder and a band-noise output branch (0.2%). Above
-        # the latent's Nyquist rate the click must be synthesised from a code, and at that stage
-        # the tones still dominate the loss: a decoder perfect below 2 kHz would score mel 0.021,
-        # the overfit codec 0.05-0.06.
+        # the latent's Nyquist rate the click must be synthesised from a code, and the codec does
+        # not learn that even when the batch holds the clicks alone (tones filtered out): after
+        # 1,200 steps the output is still silent (L2 exactly the silent level), so it is not the
+        # tones crowding the click out. Silence is a stationary point here: |STFT| has no gradient
+        # at zero, and the L2 gradient needs features phase-locked to the click.
         c.loss.update(mel_scales=(64, 128, 256, 512, 1024, 2048), num_mels=(10, 20, 40, 80, 160, 320),
                       l2_weight=10.0,
                       commitment_weight=0.25, adversarial_weight=0.0, feature_matching_weight=0.0)
