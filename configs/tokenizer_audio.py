@@ -99,7 +99,7 @@ def get_config(arg=None):
         # the latent's Nyquist rate the click must be synthesised from a code, and the codec does
         # not learn that even when the batch holds the clicks alone (tones filtered out): after
         # 1,200 steps the output is still silent (L2 exactly the silent level), so it is not the
-        # tones crowding the click out. Silence is a stationary point here: |STFT| has no gradient
+        # tones crowding the click out. Silence is nearly stationary here: |STFT| has no gradient
         # at zero, and the L2 gradient needs features phase-locked to the click.
         c.loss.update(mel_scales=(64, 128, 256, 512, 1024, 2048), num_mels=(10, 20, 40, 80, 160, 320),
                       l2_weight=10.0,
