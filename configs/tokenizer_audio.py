@@ -100,7 +100,9 @@ def get_config(arg=None):
         # not learn that even when the batch holds the clicks alone (tones filtered out): after
         # 1,200 steps the output is still silent (L2 exactly the silent level), so it is not the
         # tones crowding the click out. Silence is nearly stationary here: |STFT| has no gradient
-        # at zero, and the L2 gradient needs features phase-locked to the click.
+        # at zero, and the L2 gradient needs features phase-locked to the click. A short-window
+        # STFT discriminator (64/16, three 16-channel convs, weight 1, 2x the step) moves the
+        # output off silence but not to the click (1.0% at the click, 0.7% elsewhere).
         c.loss.update(mel_scales=(64, 128, 256, 512, 1024, 2048), num_mels=(10, 20, 40, 80, 160, 320),
                       l2_weight=10.0,
                       commitment_weight=0.25, adversarial_weight=0.0, feature_matching_weight=0.0)
