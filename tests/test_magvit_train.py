@@ -142,6 +142,10 @@ def test_image_stage_inflates_into_the_video_trainer(tmp_path):
     for ema, param in zip(jax.tree.leaves(nnx.state(models.ema, nnx.Param)),
                           jax.tree.leaves(nnx.state(models.tokenizer, nnx.Param))):
         np.testing.assert_array_equal(ema, param)
+    # ... as separate buffers: a train step (which donates the state) runs on from the inflation.
+    video = next(train_lib.train_iterator(video_config, video_config.data.batch_size))["video"]
+    metrics = jax.device_get(trainer.train_step(video, jax.random.key(0)))
+    assert np.isfinite(metrics["loss"])
 
 
 def test_api_and_evaluation_of_a_run(trained):

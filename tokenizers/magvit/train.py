@@ -294,7 +294,8 @@ def init_from_image_stage(trainer: Trainer, image_workdir: str) -> None:
                          f"{image_config.model.temporal_kernel}, expected 1)")
     models = trainer.models()
     inflate.inflate_params(image_params, models.tokenizer)
-    nnx.update(models.ema, nnx.state(models.tokenizer, nnx.Param))
+    # The EMA gets copies: the train step donates both, and one buffer cannot be donated twice.
+    nnx.update(models.ema, jax.tree.map(jnp.copy, nnx.state(models.tokenizer, nnx.Param)))
     trainer.set_models(models)
 
 
