@@ -25,6 +25,7 @@ def small_config(**overrides):
     config.data.update(height=32, width=32, batch_size=8, num_train_examples=32, read_threads=1)
     config.eval.update(num_examples=2, batch_size=2, lpips=False, fvd=False, save_frames=False)
     config.bench.update(batch_size=2, steps=1, warmup=0)
+    config.init.image_stage.num_steps = 0
     for key, value in overrides.items():
         configlib.apply_override(config, f"{key}={value}")
     return config
@@ -146,6 +147,35 @@ def test_image_stage_inflates_into_the_video_trainer(tmp_path):
     video = next(train_lib.train_iterator(video_config, video_config.data.batch_size))["video"]
     metrics = jax.device_get(trainer.train_step(video, jax.random.key(0)))
     assert np.isfinite(metrics["loss"])
+
+
+def test_image_stage_config_is_the_image_variant():
+    tiny = configlib.load_config("configs/tokenizer_video.py:tiny")
+    stage = train_lib.image_stage_config(tiny).to_dict()
+    variant = configlib.load_config("configs/tokenizer_video.py:tiny_image").to_dict()
+    for config in (stage, variant):     # what the stage settings themselves decide
+        config["train"].pop("num_steps"), config["train"].pop("time_limit_s"), config["train"].pop("video_every")
+        config.pop("init")
+    assert stage == variant
+
+
+def test_a_video_run_trains_its_image_stage_first_and_once(tmp_path):
+    workdir = str(tmp_path)
+    config = small_config(**{"init.image_stage.num_steps": 2, "init.image_stage.batch_multiplier": 2,
+                             "train.num_steps": 2, "loss.gan_start_step": 1000})
+    train_lib.train(config, workdir)
+    stage_dir = os.path.join(workdir, train_lib.IMAGE_STAGE_DIR)
+    with open(os.path.join(stage_dir, "config.json")) as f:
+        stage = json.load(f)
+    assert stage["model"]["temporal_kernel"] == 1 and stage["data"]["batch_size"] == 16
+    assert sorted(_rows(stage_dir)) == [1, 2] and sorted(_rows(workdir)) == [1, 2]
+    done = os.path.join(stage_dir, train_lib.IMAGE_STAGE_DONE)
+    finished = os.stat(done).st_mtime_ns
+    # Resuming the video run (here: two more steps) leaves the finished image stage alone.
+    config.train.num_steps = 4
+    train_lib.train(config, workdir)
+    assert sorted(_rows(workdir)) == [1, 2, 3, 4] and sorted(_rows(stage_dir)) == [1, 2]
+    assert os.stat(done).st_mtime_ns == finished
 
 
 def test_api_and_evaluation_of_a_run(trained):

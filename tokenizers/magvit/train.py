@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -286,6 +287,42 @@ class Trainer:
 # ------------------------------------------------------------------------------------------ loop
 
 
+IMAGE_STAGE_DIR = "image_stage"
+IMAGE_STAGE_DONE = "done.json"
+
+
+def image_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The 2D stage of a video run: the same network and data with 1-frame temporal kernels and no
+    temporal downsampling, trained on single random frames at ``init.image_stage.batch_multiplier``
+    times the batch, for ``init.image_stage.num_steps`` steps (or ``time_limit_s`` seconds)."""
+    stage_spec = config.init.image_stage
+    stage = ml_collections.ConfigDict(config.to_dict())
+    stage.variant = f"{config.get('variant', 'video')}_image"
+    stage.model.update(temporal_kernel=1, temporal_downsample=(False,) * len(config.model.temporal_downsample))
+    stage.data.update(batch_size=config.data.batch_size * stage_spec.batch_multiplier)
+    stage.train.update(crop_frames=1, num_steps=stage_spec.num_steps, time_limit_s=stage_spec.time_limit_s,
+                       video_every=0)
+    stage.loss.update(perceptual_frames=0)
+    stage.eval.update(fvd=False, first_frame=False)
+    stage.init.image_workdir = ""
+    stage.init.image_stage.num_steps = 0
+    return stage
+
+
+def train_image_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Trains the image stage of ``config`` in ``workdir/image_stage`` unless it finished there
+    before (a resumed run does not train it again); returns its workdir."""
+    stage_dir = os.path.join(workdir, IMAGE_STAGE_DIR)
+    done = os.path.join(stage_dir, IMAGE_STAGE_DONE)
+    if not os.path.exists(done):
+        last = train(image_stage_config(config), stage_dir)
+        tmp = f"{done}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"last": last}, f)
+        os.replace(tmp, done)
+    return stage_dir
+
+
 def init_from_image_stage(trainer: Trainer, image_workdir: str) -> None:
     """Inflates the EMA weights of a trained image-stage run into the trainer's tokenizer."""
     image_config, image_params = load_tokenizer_params(image_workdir, use_ema=True)
@@ -320,16 +357,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     configlib.save_config(config, os.path.join(workdir, CONFIG_FILE))
     tc = config.train
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
+    start_step = ckpt.latest_step()
+    image_workdir = config.init.image_workdir
+    if start_step is None and not image_workdir and config.init.image_stage.num_steps > 0:
+        image_workdir = train_image_stage(config, workdir)
     trainer = Trainer(config)
     process_batch = config.data.batch_size // jax.process_count()
     data_it = train_iterator(config, process_batch)
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.max_to_keep)
-    start_step = ckpt.latest_step()
     if start_step is not None:
         state, _ = ckpt.restore(checkpoint.abstract_like(trainer.state), data_iterator=data_it)
         trainer.state = state
-    elif config.init.image_workdir:
-        init_from_image_stage(trainer, config.init.image_workdir)
+    elif image_workdir:
+        init_from_image_stage(trainer, image_workdir)
     start_step = start_step or 0
     if start_step >= tc.num_steps:
         ckpt.close()
@@ -341,7 +381,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preview = np.stack([source[i]["video"] for i in range(min(4, len(source)))])
     rng = jax.random.key(config.seed + 1)
     last, started = {}, time.time()
-    with runlog.RunLog(workdir, total_steps=tc.num_steps, initial_step=start_step, desc="tokenizer") as log:
+    desc = "image stage" if config.model.temporal_kernel == 1 else "tokenizer"
+    with runlog.RunLog(workdir, total_steps=tc.num_steps, initial_step=start_step, desc=desc) as log:
         step = start_step
         while step < tc.num_steps:
             batch = next(data_it)
