@@ -172,8 +172,9 @@ def get_config(arg=None):
         # stage learns faster per second: single frames at 4x the batch, 2D kernels. In the 300 s
         # proxy the decoder without its GroupNorms (so no per-frame constant is erased) gave
         # 23.7 dB, without any norm but the quantizer's 24.4, and without quantization the train
-        # PSNR was only 1 dB higher: the speed of learning limits, not the quantizer. Reference: a 4x4 average-pooled thumbnail of every frame,
-        # upsampled bilinearly (13,056 floats per clip, against 12,800 bits of tokens), is 28.7 dB.
+        # PSNR was only 1 dB higher: the speed of learning limits, not the quantizer. Reference: a
+        # 4x4 average-pooled thumbnail of every frame, upsampled bilinearly (13,056 floats per
+        # clip, against 12,800 bits of tokens), is 28.7 dB.
         config.lfq.update(entropy_weight=0.02)
         config.train.update(b1=0.9, crop_frames=0, num_steps=620, time_limit_s=420.0)
         config.init.image_stage.update(num_steps=2100, time_limit_s=400.0)

@@ -157,6 +157,9 @@ def test_image_stage_config_is_the_image_variant():
         config["train"].pop("num_steps"), config["train"].pop("time_limit_s"), config["train"].pop("video_every")
         config.pop("init")
     assert stage == variant
+    tiny.init.image_stage.batch_multiplier = 0
+    with pytest.raises(ValueError, match="init.image_stage.batch_multiplier must be >= 1"):
+        train_lib.image_stage_config(tiny)
 
 
 def test_a_video_run_trains_its_image_stage_first_and_once(tmp_path):

@@ -296,6 +296,8 @@ def image_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     temporal downsampling, trained on single random frames at ``init.image_stage.batch_multiplier``
     times the batch, for ``init.image_stage.num_steps`` steps (or ``time_limit_s`` seconds)."""
     stage_spec = config.init.image_stage
+    if stage_spec.batch_multiplier < 1:
+        raise ValueError(f"init.image_stage.batch_multiplier must be >= 1, got {stage_spec.batch_multiplier}")
     stage = ml_collections.ConfigDict(config.to_dict())
     stage.variant = f"{config.get('variant', 'video')}_image"
     stage.model.update(temporal_kernel=1, temporal_downsample=(False,) * len(config.model.temporal_downsample))
