@@ -87,7 +87,7 @@ def cmd_tokenize(args) -> int:
 def cmd_eval(args) -> int:
     config = _load(args)
     result = _resolve(_kind(config, EVALUATORS, "evaluator"))(config, args.workdir)
-    write_json(os.path.join(args.workdir, "eval.json"), result)
+    configlib.write_json(os.path.join(args.workdir, "eval.json"), result)
     print(json.dumps(result, sort_keys=True))
     return 0
 
@@ -134,15 +134,6 @@ def cmd_demo(args) -> int:
     from videolm import demo
     demo.run(args)
     return 0
-
-
-def write_json(path: str, obj) -> None:
-    """Writes JSON atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=float)
-    os.replace(tmp, path)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -112,5 +112,14 @@ def save_config(config: ml_collections.ConfigDict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())

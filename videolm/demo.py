@@ -311,8 +311,7 @@ def run_demo(out_dir: str = "demo_out", *, profile: str = "full", num_shown: int
     index = write_gallery(out_dir, data_dir, built, truth, generated, lm_config, num_shown)
     report["index"] = index
     report["wall_seconds_this_run"] = time.perf_counter() - started
-    from videolm.cli import write_json
-    write_json(os.path.join(out_dir, "report.json"), jsonable(report))
+    configlib.write_json(os.path.join(out_dir, "report.json"), jsonable(report))
     log(f"[demo] gallery: {index}")
     return report
 

@@ -120,15 +120,8 @@ def write_shard(path: str, records: Iterable[dict]) -> dict:
     writer.close()
     os.replace(tmp, f"{path}.array_record")
     summary = {"num_records": len(lengths), "text_lengths": lengths}
-    _write_json(f"{path}.json", summary)
+    configlib.write_json(f"{path}.json", summary)
     return summary
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def _decode_record(raw: bytes) -> dict:

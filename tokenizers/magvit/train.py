@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -317,11 +316,7 @@ def train_image_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     stage_dir = os.path.join(workdir, IMAGE_STAGE_DIR)
     done = os.path.join(stage_dir, IMAGE_STAGE_DONE)
     if not os.path.exists(done):
-        last = train(image_stage_config(config), stage_dir)
-        tmp = f"{done}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"last": last}, f)
-        os.replace(tmp, done)
+        configlib.write_json(done, {"last": train(image_stage_config(config), stage_dir)})
     return stage_dir
 
 
